@@ -1,0 +1,1 @@
+"""The ways in: command line, batch driver, web app."""

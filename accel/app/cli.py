@@ -1,0 +1,206 @@
+"""The `accel` command: ``accel models``, ``accel generate``.
+
+Every user-facing failure (unknown model, bad size, bad config, unwritable path) ends as one
+``accel: error: ...`` line and exit status 2; set ``ACCEL_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A bad argument value the user can fix; printed as one line."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, the usage hint on the same line
+        self.exit(2, f"accel: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..pipelines.load import DEFAULT_MODEL
+
+    p = _Parser(prog="accel", description="Make diffusers pipelines fast without retraining.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    m = sub.add_parser("models", help="list supported families and built-in models")
+    m.set_defaults(func=cmd_models)
+
+    g = sub.add_parser("generate", help="generate one image or video")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local folder or built-in name (default {DEFAULT_MODEL})")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    conf = g.add_mutually_exclusive_group()
+    conf.add_argument("--preset", default=None, help="preset name (see `accel models`); default off")
+    conf.add_argument("--config", default=None, help="config file (.json, .yaml, .toml)")
+    g.add_argument("--steps", type=_positive_int, default=None, help="denoising steps")
+    g.add_argument("--height", type=_positive_int, default=None)
+    g.add_argument("--width", type=_positive_int, default=None)
+    g.add_argument("--frames", type=_positive_int, default=None, help="video models: number of frames")
+    g.add_argument("--fps", type=_positive_int, default=8, help="video models: frames per second of the MP4")
+    g.add_argument("--guidance", type=_float, default=None, help="guidance scale")
+    g.add_argument("--seed", type=_int, default=0)
+    g.add_argument("--out", default=None, help="output file (.png/.webp for images, .mp4/.gif for video); "
+                                                "default outputs/<prompt>_s<seed>.<ext>")
+    g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def cmd_models(args) -> int:
+    from .. import available_presets
+    from ..families import FAMILIES
+    from ..pipelines.load import DEFAULT_MODEL, builtin_models
+
+    print("Supported families:")
+    for f in FAMILIES.values():
+        kind = "video" if f.video else "image"
+        print(f"  {f.name:<13} {f.label} [{kind}; {', '.join(f.classes)}]")
+    print("Built-in models (offline):")
+    for name, what in builtin_models().items():
+        mark = "  (default)" if name == DEFAULT_MODEL else ""
+        print(f"  {name:<19} {what}{mark}")
+    print(f"Presets: {', '.join(available_presets())}")
+    return 0
+
+
+def _config_from_args(args, family: str):
+    from ..config import Config, resolve
+
+    if args.config:
+        return Config.load(args.config)
+    return resolve(args.preset or "off", family)
+
+
+def _generation_defaults(model: str) -> dict:
+    """A tiny model's fast defaults (few steps, small size); real models keep their pipeline's."""
+    if model.startswith("tiny-"):
+        from ..pipelines import tiny
+
+        d = tiny.example_inputs(model[len("tiny-"):])
+        return {k: v for k, v in d.items() if k not in ("prompt", "negative_prompt", "generator", "output_type")}
+    return {}
+
+
+def cmd_generate(args) -> int:
+    import accel
+    from ..pipelines.call import call_kwargs, family_name, is_video, to_frames
+    from ..pipelines.load import load
+    from . import outputs
+
+    if args.out and Path(args.out).suffix.lower() not in outputs.IMAGE_SUFFIXES + outputs.VIDEO_SUFFIXES:
+        raise UsageError(f"--out {args.out!r}: use a .png/.webp/.jpg (image) or .mp4/.gif (video) file name")
+    if args.out:
+        outputs.check_writable(Path(args.out))
+    if args.config and not Path(args.config).is_file():
+        raise UsageError(f"--config {args.config!r}: no such file")
+    if args.preset:
+        names = accel.available_presets()
+        if args.preset not in names:
+            raise UsageError(f"--preset {args.preset!r}: choose one of {', '.join(names)}")
+
+    t0 = time.perf_counter()
+    pipe = load(args.model, device=args.device, dtype=args.dtype, seed=0)
+    load_s = time.perf_counter() - t0
+    family = family_name(pipe)
+    video = is_video(pipe)
+    if args.frames and not video:
+        raise UsageError(f"--frames: {args.model} makes images, not video")
+    cfg = _config_from_args(args, family)
+    accel.apply(pipe, cfg)
+
+    out = Path(args.out) if args.out else Path("outputs") / (
+        f"{outputs.slug(args.prompt)}_s{args.seed}{'.mp4' if video else '.png'}")
+    if video != (out.suffix.lower() in outputs.VIDEO_SUFFIXES):
+        kind = "video (.mp4/.gif)" if video else "image (.png/.webp/.jpg)"
+        raise UsageError(f"--out {str(out)!r}: {args.model} makes a {kind}")
+    outputs.check_writable(out)
+
+    kw = call_kwargs(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                     height=args.height, width=args.width, frames=args.frames, guidance=args.guidance,
+                     seed=args.seed, defaults=_generation_defaults(args.model))
+    t1 = time.perf_counter()
+    try:
+        result = pipe(**kw)
+    except (ValueError, TypeError) as e:  # pipelines check sizes and arguments with these
+        raise UsageError(str(e).strip().splitlines()[0]) from e
+    generate_s = time.perf_counter() - t1
+    frames = to_frames(result)
+
+    t2 = time.perf_counter()
+    outputs.save_output(frames, out, fps=args.fps)
+    save_s = time.perf_counter() - t2
+    sidecar = {
+        "output": out.name, "model": args.model, "family": family, "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt, "seed": args.seed,
+        "call": {k: v for k, v in kw.items() if k not in ("generator", "prompt", "negative_prompt")},
+        "preset": None if args.config else (args.preset or "off"), "config": cfg.to_dict(),
+        "timings": {"load_s": round(load_s, 4), "generate_s": round(generate_s, 4), "save_s": round(save_s, 4)},
+        "stats": accel.stats(pipe), "versions": _versions(), "device": str(pipe.device),
+        "dtype": str(next(iter(pipe.components[n] for n in ("unet", "transformer") if n in pipe.components)).dtype),
+    }
+    outputs.write_json(outputs.sidecar_path(out), sidecar)
+    print(f"wrote {out} ({'video' if video else 'image'} {frames.shape[-2]}x{frames.shape[-3]}"
+          f"{f', {frames.shape[0]} frames' if video else ''}) in {generate_s:.2f}s; "
+          f"sidecar {outputs.sidecar_path(out)}")
+    return 0
+
+
+def _versions() -> dict:
+    import diffusers
+    import torch
+
+    import accel
+
+    return {"accel": accel.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("accel: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("ACCEL_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"accel: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

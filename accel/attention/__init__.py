@@ -1,0 +1,1 @@
+"""Sparse attention processor and backends. Configured by `accel.AttentionConfig`; see config.py."""

@@ -1,0 +1,1 @@
+"""Step caching across denoising steps. Configured by `accel.CacheConfig`; see config.py."""

@@ -1,0 +1,1 @@
+"""Fidelity metrics and benchmarks."""

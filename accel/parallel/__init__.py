@@ -1,0 +1,1 @@
+"""Multi-GPU parallelism on torch.distributed (not yet implemented)."""

@@ -1,0 +1,65 @@
+"""Calling any supported pipeline the same way, and reading its output as frames.
+
+Pipelines name their arguments differently (``num_frames`` only for video, ``negative_prompt``
+not for guidance-distilled Flux); `call_kwargs` keeps what the pipeline's ``__call__`` accepts.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+from ..families import FAMILIES, denoisers_of
+
+
+def family_name(pipe) -> str:
+    from ..families import Adapter
+
+    return Adapter(denoisers_of(pipe)[0][1]).family.name
+
+
+def is_video(pipe) -> bool:
+    return FAMILIES[family_name(pipe)].video
+
+
+def accepted(pipe) -> set[str]:
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def call_kwargs(pipe, *, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
+                height: int | None = None, width: int | None = None, frames: int | None = None,
+                guidance: float | None = None, seed: int = 0, defaults: dict | None = None) -> dict:
+    """Keyword arguments for ``pipe(**kw)``: ``defaults`` (e.g. a tiny model's), then what was given."""
+    kw = dict(defaults or {})
+    given = {"prompt": prompt, "negative_prompt": negative_prompt, "num_inference_steps": steps,
+             "height": height, "width": width, "num_frames": frames, "guidance_scale": guidance}
+    kw.update({k: v for k, v in given.items() if v is not None})
+    ok = accepted(pipe)
+    kw = {k: v for k, v in kw.items() if k in ok}
+    kw["generator"] = torch.Generator("cpu").manual_seed(int(seed))
+    kw["output_type"] = "np"
+    return kw
+
+
+def to_frames(output) -> np.ndarray:
+    """The first result of a pipeline output as float32 in [0, 1]: (H, W, 3) or (F, H, W, 3)."""
+    if hasattr(output, "frames"):
+        x = output.frames
+    elif hasattr(output, "images"):
+        x = output.images
+    else:
+        x = output[0] if isinstance(output, (tuple, list)) else output
+    if isinstance(x, list):
+        x = x[0]
+        if isinstance(x, list):  # list of PIL frames
+            x = np.stack([np.asarray(f) for f in x])
+    else:
+        x = x[0]
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    return np.clip(x.astype(np.float32), 0.0, 1.0)

@@ -1,0 +1,85 @@
+"""Loading a pipeline from a hub id, a local diffusers folder, or a built-in name.
+
+Built-in names: ``tiny-<name>`` for every tiny random-weight pipeline in `accel.pipelines.tiny`
+(offline, for tests and demos). The device is CUDA when present, else CPU; the dtype is bfloat16
+on CUDA and float32 on CPU (half precision on CPU is slow and inaccurate).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "tiny-sd15"
+DEFAULT_VIDEO_MODEL = "tiny-wan"
+
+
+class ModelLoadError(RuntimeError):
+    """A model name or path could not be loaded; the message says what would work."""
+
+
+def builtin_models() -> dict[str, str]:
+    """Built-in model name -> what it is."""
+    from . import tiny
+
+    return {f"tiny-{n}": f"tiny random-weight {cls} (offline)" for n, cls in tiny.describe().items()}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)} or auto")
+    return _DTYPES[name]
+
+
+def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
+    """A ready pipeline for ``model`` on ``device`` (progress bar enabled)."""
+    device = device or default_device()
+    dtype = parse_dtype(dtype, device)
+    if model.startswith("tiny-"):
+        from . import tiny
+
+        name = model[len("tiny-"):]
+        if name not in tiny.NAMES:
+            raise ModelLoadError(f"unknown built-in model {model!r}; built-in models: {', '.join(builtin_models())}")
+        pipe = tiny.make(name, seed=seed, dtype=dtype, device=device)
+    elif Path(model).exists():
+        if not (Path(model) / "model_index.json").is_file():
+            raise ModelLoadError(f"{model!r} is a path but not a diffusers pipeline folder (no model_index.json)")
+        pipe = _from_pretrained(model, dtype, local=True).to(device)
+    elif "/" in model and not model.startswith((".", "/")) and model.count("/") == 1:
+        pipe = _from_pretrained(model, dtype, local=False).to(device)
+    else:
+        raise ModelLoadError(f"unknown model {model!r}: give a hub id (org/name), a local diffusers folder, "
+                             f"or a built-in name ({', '.join(builtin_models())})")
+    pipe.set_progress_bar_config(disable=False, leave=False)
+    return pipe
+
+
+def _from_pretrained(model: str, dtype, local: bool):
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=local
+                                                 or bool(os.environ.get("HF_HUB_OFFLINE")))
+    except Exception as e:
+        where = "folder" if local else "hub id (is the network reachable, and the name right?)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load {model!r} as a diffusers {where}: {first}") from None

@@ -1,0 +1,1 @@
+"""Token merging and pruning. Configured by `accel.TokenConfig`; see config.py."""
