@@ -75,7 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     g.set_defaults(func=cmd_generate)
+
+    # Other subcommands live with their feature; each module offers add_parser(subparsers).
+    import importlib
+
+    for module in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            if e.name != module:  # the module exists but a dependency is missing: say so, don't hide it
+                raise
+            continue
+        mod.add_parser(sub)
     return p
+
+
+# Modules that add subcommands (batch, app, run, bench, tune); missing ones are skipped.
+SUBCOMMAND_MODULES = ("accel.app.batch", "accel.app.run", "accel.app.gradio_app", "accel.eval.bench",
+                      "accel.eval.tune")
 
 
 def cmd_models(args) -> int:

@@ -1,0 +1,90 @@
+"""The `accel` command: models, generate (image and video), and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from accel.app.cli import main
+
+
+def _run(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "accel", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_models_lists_families_and_builtins(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for word in ("sd15", "flux", "wan", "tiny-sd15", "tiny-wan", "Presets: off"):
+        assert word in out
+
+
+def test_generate_image_writes_png_and_sidecar(tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-sd15", "--prompt", "a red circle", "--seed", "3",
+                 "--out", str(out)]) == 0
+    img = np.asarray(Image.open(out))
+    assert img.shape == (32, 32, 3) or img.ndim == 3
+    side = json.loads((tmp_path / "img.png.json").read_text())
+    assert side["model"] == "tiny-sd15" and side["seed"] == 3 and side["prompt"] == "a red circle"
+    assert side["config"]["cache"]["method"] == "none" and side["preset"] == "off"
+    assert side["stats"]["applied"] and side["stats"]["steps"] == side["call"]["num_inference_steps"]
+    assert side["timings"]["generate_s"] > 0
+    assert "wrote" in capsys.readouterr().out
+    # Same seed, same bytes: the output is a function of the arguments.
+    out2 = tmp_path / "img2.png"
+    assert main(["generate", "--model", "tiny-sd15", "--prompt", "a red circle", "--seed", "3",
+                 "--out", str(out2)]) == 0
+    assert out.read_bytes() == out2.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_generate_video_writes_mp4(tmp_path):
+    import imageio.v3 as iio
+
+    out = tmp_path / "clip.mp4"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("cache: {method: none}\n")
+    assert main(["generate", "--model", "tiny-wan", "--prompt", "a ball moving right", "--config", str(cfg),
+                 "--out", str(out)]) == 0
+    frames = iio.imread(out, plugin="pyav") if _has_pyav() else None
+    assert out.stat().st_size > 0 and out.read_bytes()[4:8] == b"ftyp"
+    if frames is not None:
+        assert frames.ndim == 4
+    side = json.loads((tmp_path / "clip.mp4.json").read_text())
+    assert side["preset"] is None and side["call"]["num_frames"] >= 1
+
+
+def _has_pyav():
+    try:
+        import av  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model", "tiny-nope"], "unknown built-in model 'tiny-nope'"),
+    (["--model", "no_such_thing"], "unknown model 'no_such_thing'"),
+    (["--height", "-8"], "must be positive"),
+    (["--steps", "many"], "is not a whole number"),
+    (["--height", "36"], "divisible by 8"),
+    (["--preset", "warp9"], "--preset 'warp9': choose one of off"),
+    (["--config", "missing.toml"], "no such file"),
+    (["--out", "/dev/null/x/y.png"], "cannot create output folder"),
+    (["--out", "picture.bmp"], "use a .png"),
+    (["--frames", "9"], "makes images, not video"),
+])
+def test_bad_arguments_exit_nonzero_with_one_line(args, fragment, tmp_path):
+    r = _run("generate", "--prompt", "x", *args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("WARNING", "["))]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("accel: error:") and fragment in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
