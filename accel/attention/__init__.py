@@ -1,1 +1,64 @@
-"""Sparse attention processor and backends. Configured by `accel.AttentionConfig`; see config.py."""
+"""Sparse attention processor and backends. Configured by `accel.AttentionConfig`; see config.py.
+
+`apply_technique(target, cfg)` installs one `SparseProcessor` (processor.py) on every self, joint
+and temporal attention module of each denoiser, through ``target.ledger`` so `accel.remove`
+restores the original processors. Masks come from patterns.py over the tiled token layout of
+layout.py; kernels from backends.py (flex, sdpa, xformers) and kernels/ (our Triton kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config_base import ConfigError
+from .backends import unavailable_reason
+from .config import AttentionConfig
+from .processor import SparseProcessor, sparse_sites, wrap
+from .sparse import SparseAttention
+
+__all__ = ["AttentionConfig", "SparseAttention", "SparseProcessor", "apply_technique", "resolve_backend"]
+
+logger = logging.getLogger("accel.attention")
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def resolve_backend(cfg: AttentionConfig, device: torch.device) -> tuple[str, str | None]:
+    """(backend to use, reason it differs from the configured one or None). Raises per ``on_unavailable``."""
+    reason = unavailable_reason(cfg.backend, device)
+    if reason is None:
+        return cfg.backend, None
+    if cfg.on_unavailable == "error":
+        raise ConfigError(f"attention.backend: {cfg.backend!r} is unavailable: {reason}; "
+                          "or set attention.on_unavailable='fallback' to use flex (else sdpa) instead")
+    fallback = "flex" if unavailable_reason("flex", device) is None else "sdpa"
+    logger.warning("accel.attention: backend %r unavailable (%s); falling back to %r", cfg.backend, reason, fallback)
+    return fallback, reason
+
+
+class AttentionHandle:
+    def __init__(self, engine: SparseAttention, sites: int, fallback: str | None):
+        self.engine = engine
+        self.sites = sites
+        self.fallback = fallback
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(), "sites": self.sites, "fallback_reason": self.fallback}
+
+
+def apply_technique(target, cfg: AttentionConfig) -> AttentionHandle:
+    backend, reason = resolve_backend(cfg, _device_of(target.adapters[0].module))
+    engine = SparseAttention(cfg, backend)
+    target.tracker.on_call_start(lambda state: engine.reset_stats())
+    n = 0
+    for adapter in target.adapters:
+        for rank, site in enumerate(sparse_sites(adapter)):
+            original = site.module.processor
+            target.ledger.set_processor(site.module, wrap(original, site, rank, adapter, engine, target.tracker))
+            n += 1
+    return AttentionHandle(engine, n, reason)

@@ -12,11 +12,16 @@ BACKENDS = ("sdpa", "xformers", "flex", "triton")
 
 @dataclass(frozen=True)
 class AttentionConfig(ConfigBase):
-    """Sparse attention.
+    """Sparse attention over image/video tokens; text tokens always attend and are attended densely.
 
-    Important: ``pattern`` (``dense`` is off), ``density`` (fraction of query-block x key-block
-    pairs computed; 1.0 is dense) and ``backend``.
-    Tinkering: ``dense_steps`` first steps and ``dense_layers`` first layers stay dense.
+    Important: ``pattern`` (``dense`` is off), ``density`` (fraction of video query-block x
+    key-block pairs computed; 1.0 is dense) and ``backend`` (``flex`` and ``triton`` skip the
+    blocks that are not computed; ``sdpa``/``xformers`` apply the same mask densely, a reference).
+    ``dense_steps`` first steps and ``dense_layers`` first attention layers stay dense.
+
+    Tinkering: ``block_size`` tokens per block (a 3-D tile of the token grid), ``renorm``
+    (Re-ttention-style correction for the attention mass of skipped blocks), the per-pattern
+    knobs below, ``on_unavailable`` and ``flex_compile``.
     """
 
     section = "attention"
@@ -25,6 +30,17 @@ class AttentionConfig(ConfigBase):
     density: float = spec(1.0, min=0.0, max=1.0, min_exclusive=True, help="fraction of blocks computed")
     dense_steps: int = spec(0, min=0, help="first N denoising steps stay dense")
     dense_layers: int = spec(0, min=0, help="first N attention layers stay dense")
+    block_size: int = spec(64, choices=(16, 32, 64, 128), help="tokens per block (one 3-D tile of the grid)")
+    on_unavailable: str = spec("error", choices=("error", "fallback"),
+                               help="backend not installed/usable: raise, or log and use sdpa")
+    renorm: bool = spec(False, help="Re-ttention: give skipped blocks their calibrated share of attention mass")
+    flex_compile: bool = spec(True, help="torch.compile flex_attention (fused, skips blocks); off: eager reference")
+    local_fraction: float = spec(0.5, min=0.0, max=1.0, min_exclusive=True,
+                                 help="global_local: share of the block budget spent on the local window")
+    sinks: int = spec(1, min=0, help="radial: first N key blocks every query keeps (attention sinks)")
+    topk_mass: float = spec(0.9, min=0.0, max=1.0, min_exclusive=True,
+                            help="topk: keep blocks until this cumulative pooled-score mass (capped by density)")
+    profile_rows: int = spec(32, min=1, help="query rows sampled per head to profile spatial_temporal / renorm")
 
     @property
     def enabled(self) -> bool:

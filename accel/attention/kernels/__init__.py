@@ -1,0 +1,1 @@
+"""Our own attention kernels (Triton). Import lazily: Triton is an optional dependency."""

@@ -1,0 +1,120 @@
+"""The sparse attention processor: the family's own processor, with only its attention kernel swapped.
+
+`SparseProcessor` wraps the processor a module already has (AttnProcessor2_0, FluxAttnProcessor,
+WanAttnProcessor, ...) and runs it unchanged, so q/k norms, rotary embeddings, added text
+projections and output projections are exactly the family's. During that call a
+`TorchFunctionMode` routes ``F.scaled_dot_product_attention`` (which both the classic
+processors and diffusers' native ``dispatch_attention_fn`` end in) to `SparseAttention` when the
+call is the module's full self/joint attention over the current token grid; any other call
+(IP-adapter keys, masks, shapes we cannot place on the grid) runs dense, and is counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..families import Adapter, AttentionSite
+from .sparse import SparseAttention
+
+_SDPA = F.scaled_dot_product_attention
+SPARSE_ROLES = ("self", "joint", "temporal")
+
+
+class _RouteSDPA(TorchFunctionMode):
+    def __init__(self, handler):
+        super().__init__()
+        self.handler = handler
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            return self.handler(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class SparseProcessor:
+    """Base of the per-class wrappers made by `wrap`; holds the original processor and the site."""
+
+    def __init__(self, original, site: AttentionSite, rank: int, adapter: Adapter, engine: SparseAttention,
+                 tracker):
+        self.original = original
+        self.site = site
+        self.rank = rank  # position among the sites that can be sparse (dense_layers counts these)
+        self.adapter = adapter
+        self.engine = engine
+        self.tracker = tracker
+
+    def __getattr__(self, name):  # attributes diffusers reads from processors (_attention_backend, ...)
+        if name == "original":
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+    def _run(self, attn, args, kwargs):
+        cfg = self.engine.cfg
+        if self.rank < cfg.dense_layers or self.tracker.state.step < cfg.dense_steps:
+            self.engine.counts["dense_calls"] += 1
+            return self.original(attn, *args, **kwargs)
+        with _RouteSDPA(self._attention):
+            return self.original(attn, *args, **kwargs)
+
+    def _placement(self, n: int):
+        """(grid, text_len, text_first) of an n-token sequence at this site, or None if it does not fit."""
+        s = self.tracker.state
+        text_len = s.text_len if self.site.role == "joint" else 0
+        nv = n - text_len
+        if nv <= 0:
+            return None
+        if self.adapter.family.kind == "dit":
+            grid = tuple(s.grid)
+        elif self.site.role == "temporal":
+            grid = (nv, 1, 1)
+        else:
+            try:
+                grid = (1,) + tuple(self.adapter.grid_for_tokens(tuple(s.grid), nv))[1:]
+            except ValueError:
+                return None
+        if math.prod(grid) != nv:
+            return None
+        return grid, text_len, self.adapter.family.text_position != "last"
+
+    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+        dense = functools.partial(_SDPA, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        same = query.ndim == 4 and key.shape == query.shape and value.shape == query.shape
+        place = self._placement(query.shape[-2]) if same and attn_mask is None and not is_causal \
+            and not dropout_p else None
+        if place is None:
+            self.engine.counts["passthrough_calls"] += 1
+            return dense()
+        scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+        out = self.engine.attend(query, key, value, scale, self.site.name, *place)
+        if out is None:
+            self.engine.counts["passthrough_calls"] += 1
+            return dense()
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapper_class(original_cls: type) -> type:
+    # diffusers passes a processor only the keyword arguments its __call__ names, so each wrapper
+    # class shows its original's signature (functools.wraps sets __wrapped__, which inspect follows).
+    def __call__(self, attn, *args, **kwargs):
+        return self._run(attn, args, kwargs)
+
+    __call__ = functools.wraps(original_cls.__call__)(__call__)
+    return type(f"Sparse{original_cls.__name__}", (SparseProcessor,), {"__call__": __call__})
+
+
+def wrap(original, site: AttentionSite, rank: int, adapter: Adapter, engine: SparseAttention, tracker):
+    return _wrapper_class(type(original))(original, site, rank, adapter, engine, tracker)
+
+
+def sparse_sites(adapter: Adapter) -> list[AttentionSite]:
+    """The sites that get the processor: self, joint and temporal attention (cross-attention stays dense)."""
+    return [s for s in adapter.attention() if s.role in SPARSE_ROLES]
