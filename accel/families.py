@@ -47,6 +47,8 @@ class Family:
     text_position: str | None = None  # joint attention: "first" or "last"; None: text kept apart
     grid: Callable = field(default=None, repr=False)  # (module, inputs) -> (frames, height, width)
     pipelines: tuple[str, ...] = ()  # pipeline classes tested with this family
+    # DiT blocks returning a tuple: where the image/video hidden states are in it (the text is the other).
+    block_image_output: int = 0
 
 
 def _tokens_grid_4d(patch_attr: str = "patch_size"):
@@ -106,9 +108,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            grid=_grid_unet, pipelines=("AnimateDiffPipeline",)),
     Family("flux", "Flux.1", ("FluxTransformer2DModel",), "dit", False,
            ("transformer_blocks", "single_transformer_blocks"), "first", _grid_flux,
-           ("FluxPipeline", "FluxImg2ImgPipeline")),
+           ("FluxPipeline", "FluxImg2ImgPipeline"), block_image_output=1),
     Family("sd3", "Stable Diffusion 3 / 3.5", ("SD3Transformer2DModel",), "dit", False,
-           ("transformer_blocks",), "last", _tokens_grid_4d(), ("StableDiffusion3Pipeline",)),
+           ("transformer_blocks",), "last", _tokens_grid_4d(), ("StableDiffusion3Pipeline",),
+           block_image_output=1),
     Family("pixart", "PixArt-Sigma / Alpha", ("PixArtTransformer2DModel",), "dit", False,
            ("transformer_blocks",), None, _tokens_grid_4d(), ("PixArtSigmaPipeline",)),
     Family("cogvideox", "CogVideoX", ("CogVideoXTransformer3DModel",), "dit", True,
@@ -258,3 +261,19 @@ def _unet_ordered(module):
     rank = {"conv_in": 0, "time_embedding": 0, "down_blocks": 1, "mid_block": 2, "up_blocks": 3}
     items = [(n, m) for n, m in module.named_modules() if n]
     return sorted(items, key=lambda nm: rank.get(nm[0].split(".", 1)[0], 4))  # stable within a part
+
+
+def block_io(block: torch.nn.Module) -> tuple[int, int | None] | None:
+    """Where a DiT block returns its image and text streams: (hidden index, encoder index or None).
+
+    A block returning a bare tensor has (0, None). Read from diffusers' own block registry (the
+    one its cache hooks use), so a new diffusers block class is covered when diffusers registers
+    it; None for a block class it does not know.
+    """
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    try:
+        meta = TransformerBlockRegistry.get(type(block))
+    except ValueError:
+        return None
+    return (meta.return_hidden_states_index, meta.return_encoder_hidden_states_index)

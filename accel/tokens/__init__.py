@@ -1,1 +1,9 @@
-"""Token merging and pruning. Configured by `accel.TokenConfig`; see config.py."""
+"""Token merging and pruning. Configured by `accel.TokenConfig`; see config.py.
+
+``apply_technique(target, cfg)`` hooks the transformer blocks (hooks.py); matching.py builds the
+index tensors; blockio.py reduces a block's inputs (rotary tables, masks) with its tokens.
+"""
+
+from .technique import TokenHandle, apply_technique
+
+__all__ = ["apply_technique", "TokenHandle"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config_base import ConfigBase, spec
+from ..config_base import ConfigBase, ConfigError, spec
 
 METHODS = ("merge", "kv_downsample", "prune")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -14,17 +15,67 @@ class TokenConfig(ConfigBase):
     """Token reduction.
 
     Important: ``ratio`` (fraction of image/video tokens removed from the attention input; 0 is
-    off) and ``method`` (``merge``: ToMe merge/unmerge; ``kv_downsample``: pooled keys/values;
-    ``prune``: recompute only the tokens that changed most).
+    off) and ``method``:
+
+    - ``merge``: ToMe. Bipartite soft matching with one destination per ``st x sy x sx`` window;
+      the ``ratio * N`` most similar source tokens are averaged into their destination before
+      the block and copied back out after it. UNet (and PixArt) ``BasicTransformerBlock``\\ s merge
+      before self-attention (``merge_attn``), optionally cross-attention and MLP; other DiT blocks
+      run whole on the merged tokens and their residual update is unmerged.
+    - ``kv_downsample``: ToDo. Keys and values of image self/joint attention are averaged over the
+      windows whose tokens are most alike (enough windows to remove ``ratio`` of the keys); queries
+      stay full, so nothing is unmerged.
+    - ``prune``: cached token pruning (ToCa / FastVAR). Each block recomputes only the
+      ``1 - ratio`` fraction of tokens whose input changed most since they were last computed;
+      the others reuse their cached residual. Every ``refresh_interval``-th run is full.
+
+    Tinkering: window ``sx``/``sy``/``st`` (``st`` applies to video DiTs), ``use_rand`` (random
+    destination within each window), ``max_downsample`` (UNets: deepest level still merged, 1 is
+    the top resolution only), ``merge_attn``/``merge_crossattn``/``merge_mlp`` (BasicTransformerBlock
+    only), ``schedule``/``ratio_end`` (ratio moves from ``ratio`` at the first step to ``ratio_end``
+    at the last), ``skip_blocks`` (DiTs: first and last N blocks keep every token), ``seed``.
+    Text tokens are never merged, pooled or pruned.
     """
 
     section = "tokens"
     ratio: float = spec(0.0, min=0.0, max=0.95, help="fraction of image/video tokens removed; 0 is off")
     method: str = spec("merge", choices=METHODS, help="merge, kv_downsample or prune")
+    sx: int = spec(2, min=1, help="window width in tokens (one destination / one pooled key per window)")
+    sy: int = spec(2, min=1, help="window height in tokens")
+    st: int = spec(2, min=1, help="window length in frames (video DiTs)")
+    use_rand: bool = spec(True, help="merge: random destination inside each window (else the first token)")
+    max_downsample: int = spec(1, choices=(1, 2, 4, 8), help="UNets: deepest level merged (1: top resolution only)")
+    merge_attn: bool = spec(True, help="BasicTransformerBlock: merge before self-attention")
+    merge_crossattn: bool = spec(False, help="BasicTransformerBlock: merge before cross-attention")
+    merge_mlp: bool = spec(False, help="BasicTransformerBlock: merge before the MLP")
+    schedule: str = spec("constant", choices=SCHEDULES, help="ratio over steps: constant, linear or cosine")
+    ratio_end: float = spec(0.0, min=0.0, max=0.95, help="ratio at the last step when schedule is not constant")
+    refresh_interval: int = spec(3, min=1, help="prune: every Nth run of a block computes every token")
+    skip_blocks: int = spec(0, min=0, help="DiTs: the first and last N blocks keep every token")
+    seed: int = spec(0, min=0, help="seed of the random destinations (the pipeline's RNG is not touched)")
 
     @property
     def enabled(self) -> bool:
-        return self.ratio > 0
+        return self.ratio > 0 or (self.schedule != "constant" and self.ratio_end > 0)
+
+    def validate(self) -> None:
+        if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
+            raise ConfigError("tokens.merge_attn: merge_attn, merge_crossattn and merge_mlp are all false, so "
+                              "nothing would be merged; set at least merge_attn to true")
+        if self.sx * self.sy * self.st < 2:
+            raise ConfigError(f"tokens.sx: a {self.st}x{self.sy}x{self.sx} window holds one token; "
+                              "make sx or sy at least 2")
+
+    def ratio_at(self, step: int, total_steps: int | None) -> float:
+        """The ratio in force at ``step`` (0-based) of ``total_steps``."""
+        if self.schedule == "constant" or not total_steps or total_steps < 2:
+            return self.ratio
+        import math
+
+        t = min(max(step / (total_steps - 1), 0.0), 1.0)
+        w = t if self.schedule == "linear" else (1 - math.cos(math.pi * t)) / 2
+        return self.ratio + (self.ratio_end - self.ratio) * w
 
 
+# Filled from benchmarks/bench_tokens.py (BENCHMARKS.md "## Token merging").
 PRESETS: dict = {}

@@ -1,0 +1,167 @@
+"""Which tokens become one: bipartite soft matching (ToMe) and window pooling (ToDo), as index tensors.
+
+Both build a `Merge`: ``slot[b, i]`` is the row of the reduced sequence that token ``i`` joins.
+Merging is one ``index_add_``/``scatter_add_`` plus a multiply by the precomputed ``1 / count``;
+unmerging is one ``index_select``/``gather``. Rows are ordered by their representative token's
+position (``keep``), so the reduced sequence keeps raster order, and rotary tables or masks are
+reduced by selecting ``keep``: a merged token attends at its destination's position.
+
+``slot`` is shared by the whole batch (shape ``(1, N)``) when positions must be gathered (DiT
+rotary tables are one table for the batch), else per sample (``(B, N)``, as tomesd).
+Odd grids: windows at the right/bottom/last-frame edges are smaller, never skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Merge:
+    slot: torch.Tensor  # (Bm, N) long: reduced row of each token; Bm is 1 (shared) or B
+    keep: torch.Tensor  # (Bm, n_out) long: original position of each reduced row's representative
+    inv_count: torch.Tensor  # (Bm, n_out, 1): 1 / tokens in the row, in the model dtype
+    n_in: int
+    n_out: int
+
+    @property
+    def shared(self) -> bool:
+        return self.slot.shape[0] == 1
+
+    @property
+    def removed(self) -> int:
+        return self.n_in - self.n_out
+
+    def merge(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """(…, N, …) -> (…, n_out, …) along ``dim``: the mean of each row's tokens."""
+        if dim != 1:
+            return self.merge(x.movedim(dim, 1)).movedim(1, dim)
+        shape = (x.shape[0], self.n_out, *x.shape[2:])
+        inv = self.inv_count.to(x.dtype).reshape(self.inv_count.shape[0], self.n_out, *([1] * (x.ndim - 2)))
+        if self.shared:
+            return x.new_zeros(shape).index_add_(1, self.slot[0], x) * inv
+        idx = self.slot.reshape(*self.slot.shape, *([1] * (x.ndim - 2))).expand_as(x)
+        return x.new_zeros(shape).scatter_add_(1, idx, x) * inv
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, n_out, …) -> (B, N, …): every token takes its row's value."""
+        if self.shared:
+            return y.index_select(1, self.slot[0])
+        idx = self.slot.reshape(*self.slot.shape, *([1] * (y.ndim - 2))).expand(-1, -1, *y.shape[2:])
+        return y.gather(1, idx)
+
+    def select_positions(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Reduce a per-position table (rotary cos/sin, mask columns) to the representatives."""
+        if not self.shared:
+            raise ValueError("per-sample merges have no single position table; build the merge shared")
+        return t.index_select(dim, self.keep[0].to(t.device))
+
+
+class Windows:
+    """Window ids of a (F, H, W) token grid for windows of (st, sy, sx); edge windows are smaller."""
+
+    def __init__(self, grid: tuple[int, int, int], window: tuple[int, int, int], device):
+        f, h, w = grid
+        st, sy, sx = (max(1, min(a, b)) for a, b in zip(window, grid))
+        self.grid, self.window = (f, h, w), (st, sy, sx)
+        self.counts_axis = (-(-f // st), -(-h // sy), -(-w // sx))
+        ff, hh, ww = torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
+        nf, nh, nw = self.counts_axis
+        wid = (ff // st) * (nh * nw) + (hh // sy) * nw + (ww // sx)
+        self.window_id = wid.reshape(-1).to(device)  # (N,)
+        self.offsets = tuple(t.reshape(-1).to(device) for t in (ff % st, hh % sy, ww % sx))
+        # size of each window along each axis (edge windows are cut by the grid)
+        def sizes(n, s):
+            return (torch.clamp(n - torch.arange(-(-n // s)) * s, max=s))
+        sf, sh, sw = sizes(f, st), sizes(h, sy), sizes(w, sx)
+        self.sizes = tuple(t.reshape(-1).to(device) for t in torch.meshgrid(sf, sh, sw, indexing="ij"))
+        self.n_windows = nf * nh * nw
+        self.n_tokens = f * h * w
+
+    def destinations(self, generator: torch.Generator | None) -> torch.Tensor:
+        """Bool (N,): one destination per window, at a random (or the first) position inside it."""
+        if generator is None:
+            picks = [torch.zeros_like(s) for s in self.sizes]
+        else:
+            u = torch.rand(3, self.n_windows, generator=generator).to(self.window_id.device)
+            picks = [(u[i] * s).long() for i, s in enumerate(self.sizes)]
+        wid = self.window_id
+        return (self.offsets[0] == picks[0][wid]) & (self.offsets[1] == picks[1][wid]) & (self.offsets[2] == picks[2][wid])
+
+
+def _from_groups(rep: torch.Tensor, kept: torch.Tensor, dtype) -> Merge:
+    """Merge from ``rep[b, i]`` (the position whose row token i joins) and ``kept[b, i]`` (i heads a row)."""
+    bm, n = rep.shape
+    row_of = kept.long().cumsum(1) - 1  # row of each kept position
+    slot = row_of.gather(1, rep)
+    n_out = int(kept[0].sum())
+    keep = kept.nonzero()[:, 1].reshape(bm, n_out)
+    count = torch.zeros(bm, n_out, device=rep.device, dtype=torch.float32).scatter_add_(
+        1, slot, torch.ones(bm, n, device=rep.device))
+    return Merge(slot, keep, (1.0 / count).unsqueeze(-1).to(dtype), n, n_out)
+
+
+def bipartite(x: torch.Tensor, windows: Windows, r: int, shared: bool,
+              generator: torch.Generator | None) -> Merge:
+    """ToMe for images and video: the ``r`` source tokens most similar to some destination merge into it.
+
+    ``x`` (B, N, C) are the features matched (cosine similarity, computed in x's dtype). One
+    destination per window; sources match against every destination (bipartite, global).
+    """
+    b, n, _ = x.shape
+    is_dst = windows.destinations(generator)
+    dst_pos = is_dst.nonzero()[:, 0]
+    src_pos = (~is_dst).nonzero()[:, 0]
+    r = max(0, min(r, src_pos.numel()))
+    metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    scores = metric.index_select(1, src_pos) @ metric.index_select(1, dst_pos).transpose(1, 2)
+    if shared:
+        scores = scores.float().sum(0, keepdim=True)
+    best, best_dst = scores.max(dim=-1)  # (Bm, n_src)
+    order = best.argsort(dim=-1, descending=True)
+    merged_src = order[:, :r]  # src-local indices
+    bm = scores.shape[0]
+    rep = torch.arange(n, device=x.device).expand(bm, n).clone()
+    merged_pos = src_pos[merged_src]  # (Bm, r)
+    rep.scatter_(1, merged_pos, dst_pos[best_dst.gather(1, merged_src)])
+    kept = torch.ones(bm, n, dtype=torch.bool, device=x.device)
+    kept.scatter_(1, merged_pos, False)
+    return _from_groups(rep, kept, x.dtype)
+
+
+def window_pool(x: torch.Tensor, windows: Windows, r: int) -> Merge:
+    """ToDo, adaptively: pool whole windows, the most uniform first, until ``r`` tokens are removed.
+
+    A window of k tokens pooled to one removes k - 1; uniformity is the mean cosine similarity of
+    a window's tokens to their mean (over the batch, so the result is shared).
+    """
+    b, n, _ = x.shape
+    wid = windows.window_id
+    metric = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)).float()
+    sums = metric.new_zeros(b, windows.n_windows, metric.shape[-1]).index_add_(1, wid, metric)
+    size = torch.zeros(windows.n_windows, device=x.device).index_add_(0, wid, torch.ones(n, device=x.device))
+    mean = sums / size[None, :, None]
+    uniform = (metric * mean.index_select(1, wid)).sum(-1)  # (B, N): cos to the window mean (scaled)
+    score = torch.zeros(windows.n_windows, device=x.device).index_add_(0, wid, uniform.sum(0)) / size
+    score = torch.where(size > 1, score, torch.full_like(score, -float("inf")))
+    order = score.argsort(descending=True)
+    gain = (size - 1)[order].cumsum(0)
+    take = int((gain <= r).sum())
+    pooled = torch.zeros(windows.n_windows, dtype=torch.bool, device=x.device)
+    pooled[order[:take]] = True
+    # each pooled window is represented by its first token (lowest position)
+    first = torch.full((windows.n_windows,), n, device=x.device, dtype=torch.long).scatter_reduce(
+        0, wid, torch.arange(n, device=x.device), reduce="amin")
+    pos = torch.arange(n, device=x.device)
+    in_pooled = pooled[wid]
+    rep = torch.where(in_pooled, first[wid], pos)[None]
+    kept = (~in_pooled | (pos == first[wid]))[None]
+    return _from_groups(rep, kept, x.dtype)
+
+
+def top_changed(x: torch.Tensor, previous: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted positions of the ``k`` tokens whose relative change since ``previous`` is largest (batch summed)."""
+    change = (x - previous).float().norm(dim=-1) / previous.float().norm(dim=-1).clamp_min(1e-6)
+    return change.sum(0).topk(k).indices.sort().values

@@ -1,0 +1,116 @@
+"""Per-denoiser state of the token technique: the step's merges (shared by blocks), caches, counts."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from . import matching
+from .config import TokenConfig
+
+
+class TokenState:
+    """What the hooks of one denoiser share.
+
+    Merges are built once per (step, forward, resolution, batch, amount) and reused by every
+    block of that resolution in the forward: the first block's tokens choose the matching.
+    """
+
+    def __init__(self, cfg: TokenConfig, tracker, adapter):
+        self.cfg = cfg
+        self.tracker = tracker
+        self.adapter = adapter
+        self.family = adapter.family
+        self.current: matching.Merge | None = None  # the merge in force inside a running block
+        self.in_self_attention = False
+        self.prune_cache: dict = {}
+        self._merges: dict = {}
+        self._merge_key = None
+        self._windows: dict = {}
+        self.reset()
+
+    def reset(self, *_):
+        self.prune_cache.clear()
+        self._merges.clear()
+        self._merge_key = None
+        self.counts = defaultdict(lambda: [0, 0, 0])  # block -> [runs, tokens in, tokens removed]
+        self.built = 0
+        self.reused = 0
+
+    # --- per call facts -----------------------------------------------------------------------
+    def ratio(self) -> float:
+        s = self.tracker.state
+        return self.cfg.ratio_at(s.step, s.total_steps)
+
+    def grid(self, n: int) -> tuple[int, int, int] | None:
+        """The (F, H, W) grid of ``n`` tokens seen by a block, or None where it is not known."""
+        g = tuple(self.tracker.state.grid)
+        if self.family.kind == "unet":
+            try:
+                f, h, w = self.adapter.grid_for_tokens(g, n)
+            except ValueError:
+                return None
+            return (1, h, w)  # UNet spatial blocks see frames as batch
+        return g if g[0] * g[1] * g[2] == n else None
+
+    def level_allowed(self, n: int) -> bool:
+        """UNets: is this resolution within ``max_downsample`` of the top level?"""
+        if self.family.kind != "unet":
+            return True
+        _, h, w = self.tracker.state.grid
+        return math.sqrt(h * w / max(n, 1)) <= self.cfg.max_downsample + 1e-6
+
+    def text(self) -> tuple[int, str | None]:
+        return self.tracker.state.text_len, self.family.text_position
+
+    def record(self, block: str, n: int, removed: int) -> None:
+        c = self.counts[block]
+        c[0] += 1
+        c[1] += n
+        c[2] += removed
+
+    # --- merges -------------------------------------------------------------------------------
+    def _windows_for(self, grid, device) -> matching.Windows:
+        cfg = self.cfg
+        key = (grid, str(device))
+        if key not in self._windows:
+            self._windows[key] = matching.Windows(grid, (cfg.st, cfg.sy, cfg.sx), device)
+        return self._windows[key]
+
+    def merge_for(self, x: torch.Tensor, grid, kind: str, amount: int, shared: bool) -> matching.Merge:
+        """The step's merge for tokens like ``x``: built by the first block that asks, then reused."""
+        s = self.tracker.state
+        step_key = (s.call, s.step, s.call_in_step, s.component)
+        if step_key != self._merge_key:
+            self._merges.clear()
+            self._merge_key = step_key
+        key = (kind, x.shape[0], x.shape[1], grid, amount, shared)
+        m = self._merges.get(key)
+        if m is not None:
+            self.reused += 1
+            return m
+        windows = self._windows_for(grid, x.device)
+        with torch.no_grad():
+            if kind == "bipartite":
+                gen = None
+                if self.cfg.use_rand:
+                    gen = torch.Generator().manual_seed(
+                        (self.cfg.seed * 1_000_003 + s.call * 10_007 + s.step) % (2 ** 63))
+                m = matching.bipartite(x.detach(), windows, amount, shared, gen)
+            else:
+                m = matching.window_pool(x.detach(), windows, amount)
+        self._merges[key] = m
+        self.built += 1
+        return m
+
+    # --- stats --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        blocks = {}
+        runs = tokens = removed = 0
+        for name, (r, n, k) in self.counts.items():
+            blocks[name] = {"runs": r, "tokens": n // max(r, 1), "removed": k // max(r, 1)}
+            runs, tokens, removed = runs + r, tokens + n, removed + k
+        return {"blocks": blocks, "block_runs": runs, "tokens": tokens, "removed": removed,
+                "merges_built": self.built, "merges_reused": self.reused}
