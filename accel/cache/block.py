@@ -1,0 +1,224 @@
+"""Block caching for DiTs: compute the first blocks, reuse the cached residual of the rest.
+
+Per denoiser forward (one stream step, see `state.py`):
+
+1. the first ``compute_first_n`` blocks always run; their hidden-state residual (output of block
+   N-1 minus input of block 0) is the probe;
+2. with ``threshold > 0`` the span is reused when the probe's relative L1 change since the stream's
+   last full step is under the threshold (First-Block-Cache / TeaCache style); with ``threshold == 0``
+   and ``interval > 1`` it is reused on a fixed schedule instead;
+3. reused: every block of the span returns its inputs untouched except the last, which adds the
+   cached residual (image and text streams separately), optionally extrapolated by a Taylor series
+   over the last full steps (TaylorSeer); computed: the span runs and its residual is stored;
+4. the last ``compute_last_n`` blocks always run (DBCache's Bn), correcting the reused span.
+
+The reuse decision reads one scalar on the host (``.item()``) per dynamic decision; under
+``torch.compile`` that is one graph break per forward (the decision is ``torch.compiler.disable``d).
+The fixed schedule needs no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..config_base import ConfigError
+from ..families import Adapter, bind_inputs, block_io
+from .state import Streams, fingerprint, fixed_schedule_reuses, relative_l1, settle, state_key
+
+HOOK_DENOISER = "accel.cache.block.denoiser"
+HOOK_PROBE_START = "accel.cache.block.probe_start"
+HOOK_PROBE_END = "accel.cache.block.probe_end"
+HOOK_SPAN = "accel.cache.block.span"
+_UNSEEN = object()
+
+
+class BlockCache:
+    """The block cache on one denoiser. Created by `apply_block_cache`."""
+
+    def __init__(self, adapter: Adapter, cfg, tracker, streams: Streams):
+        self.adapter, self.cfg, self.tracker, self.streams = adapter, cfg, tracker, streams
+        blocks = adapter.blocks()
+        n, m = cfg.compute_first_n, cfg.compute_last_n
+        if n + m >= len(blocks):
+            raise ConfigError(
+                f"cache.compute_first_n: {n} plus compute_last_n {m} leave no block to cache in this "
+                f"{adapter.family.name} denoiser of {len(blocks)} blocks; lower them so that "
+                f"compute_first_n + compute_last_n < {len(blocks)}")
+        for name, block in blocks:
+            if block_io(block) is None:
+                raise ConfigError(f"cache.method: block caching does not know how {type(block).__name__} "
+                                  f"({name}) returns its outputs; use method 'diffusers.first_block' if the "
+                                  "model supports it")
+        self.first = blocks[:n]
+        self.span = blocks[n:len(blocks) - m]
+        self.part = f"{adapter.component or 'denoiser'}.{self.span[0][0]}..{self.span[-1][0]}"
+        self.current = None  # (key, StreamState) of the forward in flight
+
+    def install(self, ledger) -> None:
+        ledger.add_hook(self.adapter.module, _DenoiserHook(self), HOOK_DENOISER)
+        if self.cfg.threshold > 0:
+            ledger.add_hook(self.first[0][1], _ProbeStart(self), HOOK_PROBE_START)
+        ledger.add_hook(self.first[-1][1], _ProbeEnd(self), HOOK_PROBE_END)
+        last = len(self.span) - 1
+        for i, (_, block) in enumerate(self.span):
+            ledger.add_hook(block, _SpanHook(self, block, first=i == 0, last=i == last), HOOK_SPAN)
+
+    # --- decision ---------------------------------------------------------------------------
+    def begin_forward(self) -> None:
+        key = state_key(self.tracker.state)
+        self.current = (key, self.streams.begin(key))
+
+    @torch.compiler.disable
+    def decide(self, probe: torch.Tensor | None) -> None:
+        key, st = self.current
+        cfg = self.cfg
+        ready = "res" in st.data and st.step >= cfg.warmup_steps
+        if not ready:
+            reuse = False
+        elif cfg.threshold > 0:
+            if cfg.max_skip and st.reused_in_row >= cfg.max_skip:
+                reuse = False
+            else:
+                change = float(relative_l1(probe, st.probe)) if st.probe is not None and \
+                    st.probe.shape == probe.shape else float("inf")
+                reuse = change < cfg.threshold
+                self.streams.record(key, st.step, "change", change)
+        else:
+            reuse = fixed_schedule_reuses(st, self.tracker.state.total_steps, cfg)
+        if not reuse and probe is not None:
+            st.probe = probe
+        settle(st, reuse)
+        self.streams.count(self.part, key, reuse)
+
+    # --- residual of the span -----------------------------------------------------------------
+    def store(self, st, res: tuple) -> None:
+        """Keep the span's residual of a full step, with its Taylor factors when asked for."""
+        order = self.cfg.taylor_order
+        old = st.data.get("res")
+        if order and old is not None:
+            dt = st.step - st.data["res_step"]
+            factors = []
+            for now, prev in zip(res, old):
+                if now is None or prev is None or prev[0].shape != now.shape:
+                    factors.append(None if now is None else (now,))
+                    continue
+                f = [now, (now - prev[0]) / dt]
+                if order >= 2 and len(prev) >= 2:
+                    f.append((f[1] - prev[1]) / dt)
+                factors.append(tuple(f))
+            st.data["res"] = tuple(factors)
+        else:
+            st.data["res"] = tuple(None if r is None else (r,) for r in res)
+        st.data["res_step"] = st.step
+
+    def predicted(self, st) -> tuple:
+        dt = st.step - st.data["res_step"]
+        out = []
+        for factors in st.data["res"]:
+            if factors is None:
+                out.append(None)
+                continue
+            r = factors[0]
+            if len(factors) > 1:
+                r = r + factors[1] * dt
+            if len(factors) > 2:
+                r = r + factors[2] * (dt * dt / 2)
+            out.append(r)
+        return tuple(out)
+
+
+class _DenoiserHook(ModelHook):
+    def __init__(self, cache: BlockCache):
+        super().__init__()
+        self.cache = cache
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.cache.begin_forward()
+        return args, kwargs
+
+
+class _ProbeStart(ModelHook):
+    def __init__(self, cache: BlockCache):
+        super().__init__()
+        self.cache = cache
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.cache.current[1].data["h0"] = bind_inputs(module, args, kwargs)["hidden_states"]
+        return args, kwargs
+
+
+class _ProbeEnd(ModelHook):
+    def __init__(self, cache: BlockCache):
+        super().__init__()
+        self.cache = cache
+        self.io = block_io(cache.first[-1][1])
+
+    def post_forward(self, module, output):
+        probe = None
+        if self.cache.cfg.threshold > 0:
+            st = self.cache.current[1]
+            hidden = output[self.io[0]] if isinstance(output, tuple) else output
+            probe = hidden - st.data.pop("h0")
+        self.cache.decide(probe)
+        return output
+
+
+class _SpanHook(ModelHook):
+    """On a block of the cached span: run it (remembering the span's input/residual) or pass through."""
+
+    def __init__(self, cache: BlockCache, block, first: bool, last: bool):
+        super().__init__()
+        self.cache, self.first, self.last = cache, first, last
+        self.io = block_io(block)
+        # (tuple length, encoder output was None) seen at the last full step; None: a bare tensor.
+        self.layout = _UNSEEN
+
+    def new_forward(self, module, *args, **kwargs):
+        key, st = self.cache.current
+        inputs = bind_inputs(module, args, kwargs)
+        hidden, encoder = inputs["hidden_states"], inputs.get("encoder_hidden_states")
+        if not st.reuse or self.layout is _UNSEEN:
+            if self.first:
+                st.data["span_in"] = (hidden, encoder)
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self.layout = (len(output), self.io[1] is None or output[self.io[1]] is None) \
+                if isinstance(output, tuple) else None
+            if self.last:
+                h_out, e_out = self._split(output)
+                h_in, e_in = st.data.pop("span_in")
+                e_res = None if e_out is None or e_in is None else e_out - e_in
+                self.cache.store(st, (h_out - h_in, e_res))
+                if self.cache.streams.trace is not None:
+                    self.cache.streams.record(key, st.step, "store", fingerprint(h_out - h_in))
+            return output
+        if self.last:
+            h_res, e_res = self.cache.predicted(st)
+            hidden = hidden + h_res
+            if e_res is not None and encoder is not None:
+                encoder = encoder + e_res
+            if self.cache.streams.trace is not None:
+                self.cache.streams.record(key, st.step, "reuse", fingerprint(h_res))
+        return self._join(hidden, encoder)
+
+    def _split(self, output):
+        if not isinstance(output, tuple):
+            return output, None
+        enc = None if self.io[1] is None else output[self.io[1]]
+        return output[self.io[0]], enc
+
+    def _join(self, hidden, encoder):
+        if self.layout is None:
+            return hidden
+        n, encoder_was_none = self.layout
+        out = [None] * n
+        out[self.io[0]] = hidden
+        if self.io[1] is not None and not encoder_was_none:
+            out[self.io[1]] = encoder
+        return tuple(out)
+
+
+def apply_block_cache(adapter: Adapter, cfg, tracker, ledger, streams: Streams) -> BlockCache:
+    cache = BlockCache(adapter, cfg, tracker, streams)
+    cache.install(ledger)
+    return cache
