@@ -120,21 +120,11 @@ def _config_from_args(args, family: str):
     return resolve(args.preset or "off", family)
 
 
-def _generation_defaults(model: str) -> dict:
-    """A tiny model's fast defaults (few steps, small size); real models keep their pipeline's."""
-    if model.startswith("tiny-"):
-        from ..pipelines import tiny
-
-        d = tiny.example_inputs(model[len("tiny-"):])
-        return {k: v for k, v in d.items() if k not in ("prompt", "negative_prompt", "generator", "output_type")}
-    return {}
-
-
 def cmd_generate(args) -> int:
     import accel
     from ..pipelines.call import call_kwargs, family_name, is_video, to_frames
     from ..pipelines.load import load
-    from . import outputs
+    from . import generation, outputs
 
     if args.out and Path(args.out).suffix.lower() not in outputs.IMAGE_SUFFIXES + outputs.VIDEO_SUFFIXES:
         raise UsageError(f"--out {args.out!r}: use a .png/.webp/.jpg (image) or .mp4/.gif (video) file name")
@@ -166,7 +156,7 @@ def cmd_generate(args) -> int:
 
     kw = call_kwargs(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                      height=args.height, width=args.width, frames=args.frames, guidance=args.guidance,
-                     seed=args.seed, defaults=_generation_defaults(args.model))
+                     seed=args.seed, defaults=generation.generation_defaults(args.model))
     t1 = time.perf_counter()
     try:
         result = pipe(**kw)
@@ -178,29 +168,16 @@ def cmd_generate(args) -> int:
     t2 = time.perf_counter()
     outputs.save_output(frames, out, fps=args.fps)
     save_s = time.perf_counter() - t2
-    sidecar = {
-        "output": out.name, "model": args.model, "family": family, "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt, "seed": args.seed,
-        "call": {k: v for k, v in kw.items() if k not in ("generator", "prompt", "negative_prompt")},
-        "preset": None if args.config else (args.preset or "off"), "config": cfg.to_dict(),
-        "timings": {"load_s": round(load_s, 4), "generate_s": round(generate_s, 4), "save_s": round(save_s, 4)},
-        "stats": accel.stats(pipe), "versions": _versions(), "device": str(pipe.device),
-        "dtype": str(next(iter(pipe.components[n] for n in ("unet", "transformer") if n in pipe.components)).dtype),
-    }
+    sidecar = generation.sidecar(
+        pipe, output=out.name, model=args.model, family=family, prompt=args.prompt,
+        negative_prompt=args.negative_prompt, seed=args.seed, kw=kw,
+        preset=None if args.config else (args.preset or "off"), config=cfg,
+        timings={"load_s": load_s, "generate_s": generate_s, "save_s": save_s})
     outputs.write_json(outputs.sidecar_path(out), sidecar)
     print(f"wrote {out} ({'video' if video else 'image'} {frames.shape[-2]}x{frames.shape[-3]}"
           f"{f', {frames.shape[0]} frames' if video else ''}) in {generate_s:.2f}s; "
           f"sidecar {outputs.sidecar_path(out)}")
     return 0
-
-
-def _versions() -> dict:
-    import diffusers
-    import torch
-
-    import accel
-
-    return {"accel": accel.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
 
 
 def main(argv=None) -> int:
