@@ -13,6 +13,6 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 stamp=.venv/.accel-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  python -m pip install -q -e ".[${ACCEL_EXTRAS:-dev,video}]"
+  python -m pip install -q -e ".[${ACCEL_EXTRAS:-dev,video,app}]"
   touch "$stamp"
 fi

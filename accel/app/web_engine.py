@@ -1,0 +1,338 @@
+"""The web app's work, without gradio: check a request, run it on a free pipeline, write the files.
+
+One `Worker` holds one pipeline (one GPU, or the CPU); the web queue runs at most one request per
+worker, and `Engine.run` takes a free one. A request is either ``generate`` (the configured
+acceleration) or ``compare`` (the pipeline with `accel.remove` first, then accelerated, same seed),
+and ends as files in the output folder, each with a sidecar JSON, plus the numbers shown in the page.
+
+Stopping: the caller sets a `threading.Event`; the pipeline's ``callback_on_step_end`` sees it at the
+end of the current step and sets ``pipe._interrupt``, which diffusers pipelines honour by skipping the
+remaining steps. The run then raises `Stopped` instead of writing anything.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+
+from .web_limits import Limits
+
+
+class InputError(ValueError):
+    """A request the user can fix (bad value, model not served); shown as one line in the page."""
+
+
+class Stopped(Exception):
+    """The user stopped the run; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None     # None: the model's default
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    frames: int | None = None
+    fps: int = 8
+    batch: int = 1
+    model: str = ""              # "": the served model
+
+
+@dataclass
+class Worker:
+    index: int
+    model: str
+    pipe: Any
+    family: str = ""
+    video: bool = False
+
+    def __post_init__(self):
+        self.describe()
+
+    def describe(self):
+        from ..pipelines.call import family_name, is_video
+
+        self.family, self.video = family_name(self.pipe), is_video(self.pipe)
+
+
+@dataclass
+class Result:
+    mode: str
+    seed: int
+    outputs: list[Path]                     # accelerated outputs (one per batch item)
+    baseline: list[Path] = field(default_factory=list)
+    sidecars: list[Path] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)   # {"accelerated": s, "baseline": s}
+    metrics: dict = field(default_factory=dict)   # speedup, psnr, ssim (compare only)
+    stats: dict = field(default_factory=dict)     # accel.stats of the accelerated run
+    record: dict = field(default_factory=dict)    # the first output's sidecar
+
+
+def _is_pipeline(obj) -> bool:
+    return hasattr(obj, "components") and callable(obj)
+
+
+class Engine:
+    """Pipelines, limits and the output folder of one web app.
+
+    Args:
+        pipe_or_loader: a pipeline, a list of pipelines (one per GPU group), or a callable
+            ``loader(model, worker_index) -> pipeline`` (needed to load other models).
+        model_name: the name of the served model, as `accel.pipelines.load.load` takes it.
+        workers: how many pipelines to load with a loader (one per GPU group).
+        allow_model_paths: let requests name other models (hub ids, folders); off by default.
+    """
+
+    def __init__(self, pipe_or_loader, model_name: str, *, limits: Limits | None = None,
+                 out_dir: str | Path = "outputs/app", workers: int = 1, allow_model_paths: bool = False):
+        self.model_name = model_name
+        self.limits = limits or Limits()
+        self.out_dir = Path(out_dir).resolve()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.allow_model_paths = allow_model_paths
+        self.loader: Callable | None = None
+        if isinstance(pipe_or_loader, (list, tuple)):
+            pipes = list(pipe_or_loader)
+        elif _is_pipeline(pipe_or_loader):
+            pipes = [pipe_or_loader]
+        elif callable(pipe_or_loader):
+            self.loader = pipe_or_loader
+            pipes = [pipe_or_loader(model_name, i) for i in range(workers)]
+        else:
+            raise TypeError("build_app needs a pipeline, a list of pipelines, or a loader(model, index)")
+        self.workers = [Worker(i, model_name, p) for i, p in enumerate(pipes)]
+        self._free: queue.Queue[Worker] = queue.Queue()
+        for w in self.workers:
+            self._free.put(w)
+        #: the last runs' outcomes, newest last: mode, steps asked, steps done, stopped, seconds.
+        self.log: collections.deque = collections.deque(maxlen=64)
+
+    # --- what the page shows before any run ----------------------------------------------------
+    @property
+    def primary(self) -> Worker:
+        return self.workers[0]
+
+    def defaults(self) -> dict:
+        """Initial values of the page's inputs for the served model."""
+        from .generation import generation_defaults
+
+        params = inspect.signature(type(self.primary.pipe).__call__).parameters
+
+        def sig(name, fallback):
+            p = params.get(name)
+            return fallback if p is None or p.default in (inspect.Parameter.empty, None) else p.default
+
+        d, lim = generation_defaults(self.model_name), self.limits
+        return {"width": min(d.get("width", sig("width", 0)), lim.max_width),
+                "height": min(d.get("height", sig("height", 0)), lim.max_height),
+                "steps": min(d.get("num_inference_steps", sig("num_inference_steps", 30)), lim.max_steps),
+                "guidance": d.get("guidance_scale", sig("guidance_scale", 5.0)),
+                "frames": min(d.get("num_frames", sig("num_frames", 16)), lim.max_frames),
+                "negative_prompt": d.get("negative_prompt", "")}
+
+    # --- checking ------------------------------------------------------------------------------
+    def parse(self, *, prompt, negative_prompt=None, width=None, height=None, steps=None, guidance=None,
+              seed=0, frames=None, fps=8, batch=1, model="") -> Request:
+        """A `Request` from the page's raw values; raises `InputError` / `LimitError` with what to change."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise InputError("prompt: empty; type what to generate")
+        model = (model or "").strip()
+        if model and model != self.model_name and not self.allow_model_paths:
+            raise InputError(f"model: this server only serves {self.model_name!r}; restart `accel app` with "
+                             "--allow-model-paths to let the page load other models")
+        req = Request(
+            prompt=prompt, negative_prompt=(negative_prompt or "").strip() or None,
+            width=_whole("width", width, 0) or None, height=_whole("height", height, 0) or None,
+            steps=_whole("steps", steps, 1), guidance=_number("guidance", guidance),
+            seed=_whole("seed", seed, 0, maximum=2**63 - 1), frames=_whole("frames", frames, 1),
+            fps=_whole("fps", fps, 1, maximum=240), batch=_whole("batch", batch, 1), model=model)
+        worker_video = self.primary.video if not model or model == self.model_name else None
+        frames_asked = req.frames if worker_video is not False else None
+        self.limits.check(width=req.width, height=req.height, steps=req.steps, frames=frames_asked,
+                          batch=req.batch, prompt=req.prompt)
+        return req
+
+    # --- running -------------------------------------------------------------------------------
+    def run(self, req: Request, config, mode: str = "generate",
+            on_step: Callable[[str, int, int], None] | None = None,
+            cancel: threading.Event | None = None) -> Result:
+        """Run ``req`` with ``config`` (an `accel.Config`) on a free worker; blocks until one is free."""
+        if mode not in ("generate", "compare"):
+            raise ValueError(f"mode {mode!r}: use generate or compare")
+        cancel = cancel or threading.Event()
+        worker = self._free.get()
+        try:
+            return self._run(worker, req, config, mode, on_step or (lambda *a: None), cancel)
+        finally:
+            self._free.put(worker)
+
+    def _run(self, worker: Worker, req: Request, config, mode, on_step, cancel) -> Result:
+        import accel
+
+        from ..eval.metrics import compare
+
+        self._use_model(worker, req.model or self.model_name)
+        pipe = worker.pipe
+        result = Result(mode=mode, seed=req.seed, outputs=[])
+        if mode == "compare":
+            accel.remove(pipe)  # the baseline is the pipeline exactly as loaded
+            base, result.seconds["baseline"], _ = self._call(worker, req, "baseline", on_step, cancel)
+        try:
+            accel.apply(pipe, config)
+        except ValueError as e:  # ConfigError, UnsupportedModelError: the user picks another setting
+            raise InputError(_first_line(e)) from None
+        frames, result.seconds["accelerated"], kw = self._call(worker, req, "accelerated", on_step, cancel)
+        result.stats = accel.stats(pipe)
+        if mode == "compare":
+            result.metrics = {**compare(np.stack(base), np.stack(frames)),
+                              "baseline_s": round(result.seconds["baseline"], 4),
+                              "accelerated_s": round(result.seconds["accelerated"], 4),
+                              "speedup": round(result.seconds["baseline"] / max(result.seconds["accelerated"], 1e-9),
+                                               3)}
+        self._save(worker, req, config, kw, frames, result, base if mode == "compare" else None)
+        return result
+
+    def _call(self, worker: Worker, req: Request, phase: str, on_step, cancel):
+        from ..pipelines.call import accepted, call_kwargs
+        from .generation import generation_defaults
+
+        pipe = worker.pipe
+        kw = call_kwargs(pipe, prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
+                         height=req.height, width=req.width, frames=req.frames if worker.video else None,
+                         guidance=req.guidance, seed=req.seed, defaults=generation_defaults(worker.model))
+        names = accepted(pipe)
+        if req.batch > 1:
+            per_prompt = next((n for n in ("num_images_per_prompt", "num_videos_per_prompt") if n in names), None)
+            if per_prompt is None:
+                raise InputError(f"batch: {type(pipe).__name__} makes one output per prompt; set batch to 1")
+            kw[per_prompt] = req.batch
+        total = int(kw.get("num_inference_steps") or 0)
+        done = [0]
+        if "callback_on_step_end" in names:
+            def step_end(p, i, t, tensors):
+                done[0] = i + 1
+                on_step(phase, i + 1, total)
+                if cancel.is_set():
+                    p._interrupt = True  # diffusers skips the remaining steps
+                return {}
+
+            kw["callback_on_step_end"] = step_end
+        on_step(phase, 0, total)
+        t0 = time.perf_counter()
+        try:
+            out = pipe(**kw)
+        except (ValueError, TypeError) as e:  # pipelines check sizes and arguments with these
+            raise InputError(_first_line(e)) from None
+        seconds = time.perf_counter() - t0
+        self.log.append({"phase": phase, "steps": total, "steps_done": done[0], "stopped": cancel.is_set(),
+                         "seconds": round(seconds, 4)})
+        if cancel.is_set():
+            raise Stopped(f"stopped after {done[0]} of {total} steps")
+        return _all_frames(out), seconds, kw
+
+    def _use_model(self, worker: Worker, model: str) -> None:
+        if model == worker.model:
+            return
+        if self.loader is None:
+            raise InputError(f"model: this app was given a pipeline object for {self.model_name!r} and cannot "
+                             "load others; start it with `accel app --model ...` instead")
+        from ..pipelines.load import ModelLoadError
+
+        worker.pipe = None  # free the old one before loading the next
+        _empty_cache()
+        try:
+            worker.pipe = self.loader(model, worker.index)
+        except (ModelLoadError, ValueError) as e:
+            worker.pipe, worker.model = self.loader(self.model_name, worker.index), self.model_name
+            raise InputError(_first_line(e)) from None
+        worker.model = model
+        worker.describe()
+
+    def _save(self, worker: Worker, req: Request, config, kw, frames, result: Result, base) -> None:
+        from . import outputs
+        from .generation import sidecar
+
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}-{outputs.slug(req.prompt, 32)}-s{req.seed}"
+        ext = ".mp4" if worker.video else ".png"
+        extra = {"mode": result.mode, **({"compare": result.metrics} if result.metrics else {})}
+        for label, items, dest in (("baseline", base or [], result.baseline), ("", frames, result.outputs)):
+            for i, item in enumerate(items):
+                path = self.out_dir / f"{stem}{'-' + label if label else ''}{f'-{i}' if len(items) > 1 else ''}{ext}"
+                outputs.save_output(item, path, fps=req.fps)
+                record = sidecar(worker.pipe, output=path.name, model=worker.model, family=worker.family,
+                                 prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, kw=kw,
+                                 preset=None, config=config if not label else _off(),
+                                 timings={"generate_s": result.seconds["baseline" if label else "accelerated"]})
+                record.update(extra, batch_index=i, fps=req.fps if worker.video else None)
+                if label:
+                    record["stats"] = {"applied": False}
+                outputs.write_json(outputs.sidecar_path(path), record)
+                dest.append(path)
+                result.sidecars.append(outputs.sidecar_path(path))
+                if not label and i == 0:
+                    result.record = record
+
+
+def _off():
+    from ..config import Config
+
+    return Config()
+
+
+def _all_frames(output) -> list[np.ndarray]:
+    """Every result of a pipeline output, each (H, W, 3) or (F, H, W, 3) float32 in [0, 1]."""
+    from ..pipelines.call import to_frames
+
+    attr = "frames" if hasattr(output, "frames") else "images"
+    items = getattr(output, attr)
+    return [to_frames(SimpleNamespace(**{attr: items[i:i + 1]})) for i in range(len(items))]
+
+
+def _number(name: str, value, minimum: float = 0, maximum: float | None = None, whole: bool = False):
+    """``value`` from the page as a number within bounds (None when empty); `InputError` otherwise."""
+    if value is None or value == "":
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: {value!r} is not a number") from None
+    if whole and v.is_integer():
+        v = int(v)
+    elif whole or not np.isfinite(v):
+        raise InputError(f"{name}: {value!r} must be a {'whole' if whole else 'finite'} number")
+    if v < minimum or (maximum is not None and v > maximum):
+        raise InputError(f"{name}: {v} must be >= {minimum}" + (f" and <= {maximum}" if maximum is not None else ""))
+    return v
+
+
+def _whole(name: str, value, minimum: int, maximum: int | None = None) -> int | None:
+    return _number(name, value, minimum, maximum, whole=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _empty_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

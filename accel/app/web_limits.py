@@ -1,0 +1,79 @@
+"""What one web request may ask for: size, steps, frames, batch, prompt length, queue length.
+
+The web app serves people who cannot see the machine, so every request is checked against these
+limits before it reaches the pipeline; a request over a limit gets an error naming the limit and the
+flag that raises it, and the server keeps serving. Load from a JSON/YAML/TOML file (``--limits``)
+or set per flag (``--max-steps`` ...).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config_base import ConfigBase, ConfigError, spec
+
+
+class LimitError(ValueError):
+    """A request asks for more than this server allows; the message names the limit and its flag."""
+
+
+@dataclass(frozen=True)
+class Limits(ConfigBase):
+    """Per-request ceilings of the web app (defaults suit one 24-80 GB GPU)."""
+
+    section = "limits"
+    max_width: int = spec(1536, min=8, help="widest image/video in pixels")
+    max_height: int = spec(1536, min=8, help="tallest image/video in pixels")
+    max_steps: int = spec(100, min=1, help="most denoising steps per request")
+    max_frames: int = spec(129, min=1, help="most video frames per request")
+    max_batch: int = spec(4, min=1, help="most outputs per request")
+    max_prompt_chars: int = spec(2000, min=1, help="longest prompt, in characters")
+    max_queue: int = spec(16, min=1, help="requests waiting at most; more are refused until the queue drains")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Limits":
+        """A limits file: the fields above at the top level, or under a ``limits`` key."""
+        import json
+
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read limits file {str(path)!r}: {e.strerror or e}") from None
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"limits file {str(path)!r}: use .json, .yaml or .toml")
+        if isinstance(data, dict) and isinstance(data.get("limits"), dict):
+            data = data["limits"]
+        return cls.from_dict(data)
+
+    def check(self, *, width: int | None, height: int | None, steps: int | None, frames: int | None,
+              batch: int, prompt: str) -> None:
+        """Raise `LimitError` for the first value over its limit (None means the model's default)."""
+        asked = (("width", width, self.max_width, "--max-width"),
+                 ("height", height, self.max_height, "--max-height"),
+                 ("steps", steps, self.max_steps, "--max-steps"),
+                 ("frames", frames, self.max_frames, "--max-frames"),
+                 ("batch", batch, self.max_batch, "--max-batch"),
+                 ("prompt length", len(prompt), self.max_prompt_chars, "--max-prompt-chars"))
+        for name, value, limit, flag in asked:
+            if value is not None and value > limit:
+                raise LimitError(f"{name}: {value} is over this server's limit of {limit}; ask for less, "
+                                 f"or restart `accel app` with {flag} {value}")
+
+
+# CLI flag -> Limits field, shared by `accel app` and its tests.
+FLAGS = {f"--{name.replace('_', '-')}": name for name in (
+    "max_width", "max_height", "max_steps", "max_frames", "max_batch", "max_prompt_chars", "max_queue")}

@@ -1,0 +1,78 @@
+"""The web app in a real browser: headless Debian chromium, driven by playwright.
+
+Opens the page, types a prompt, clicks Generate, waits for the image and the stats, and saves a
+screenshot (to $ACCEL_SCREENSHOT_DIR when set, else the test's temporary folder). Playwright drives
+the system chromium through ``executable_path``; it never downloads a browser of its own. `.ci/run`
+installs chromium with apt-get, so in CI this test runs; elsewhere it is skipped only when chromium
+or playwright is missing, and says which.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytest.importorskip("gradio", reason="the web app needs gradio: pip install 'diffusers-accel[app]'")
+if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+    pytest.skip(f"no chromium at {CHROMIUM}: install it with `apt-get install chromium` (.ci/run does)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install 'diffusers-accel[dev]'")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    from accel.app.gradio_app import build_app, serve
+    from accel.app.web_limits import Limits
+    from accel.pipelines import tiny
+
+    demo = build_app(tiny.make("sd15"), "tiny-sd15", limits=Limits(max_steps=8),
+                     out_dir=tmp_path_factory.mktemp("browser-app"))
+    url = serve(demo, port=None, block=False, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    executable = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=executable, headless=True,
+            args=FLAGS, viewport={"width": 1400, "height": 1500})
+        context.set_default_timeout(90_000)
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def test_generate_in_a_real_browser(app_url, page, tmp_path):
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(app_url)
+    page.locator("#prompt textarea").fill("a photo of a red cat")
+    page.locator("#steps input").fill("2")
+    page.locator("#generate").click()
+
+    image = page.locator("#result img").first
+    image.wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#result img') && document.querySelector('#result img').complete"
+                           " && document.querySelector('#result img').naturalWidth > 0")
+    stats = page.locator("#stats")
+    stats.get_by_text("applied").first.wait_for()
+    page.locator("#summary").get_by_text("2 steps").wait_for()
+    assert page.evaluate("document.querySelector('#result img').naturalWidth") == 32
+    history = page.locator("#history img")
+    history.first.wait_for(state="visible")
+
+    folder = Path(os.environ.get("ACCEL_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    shot = folder / "web_app_generate.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert not errors, errors
