@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .patterns import SparseMask
+from .patterns import SparseMask, block_lists
 
 logger = logging.getLogger("accel.attention")
 
@@ -91,12 +91,7 @@ def flex_block_mask(mask: SparseMask, B: int, H: int, device):
     full = allowed & ~has_pad
     partial = allowed & has_pad
 
-    def lists(a):
-        nb = a.shape[-1]
-        order = torch.arange(nb, device=a.device).expand_as(a)
-        return a.sum(-1).to(torch.int32), torch.where(a, order, nb + order).argsort(-1).to(torch.int32)
-
-    (pn, pi), (fn, fi) = lists(partial), lists(full)
+    (pn, pi), (fn, fi) = block_lists(partial), block_lists(full)
     allowed_e = allowed.expand(B, H, *allowed.shape[-2:])
     valid = layout.valid.to(device)
     T = layout.block

@@ -52,4 +52,6 @@ class AttentionConfig(ConfigBase):
                               f"(one of {', '.join(PATTERNS[1:])}); with pattern 'dense' it must be 1.0")
 
 
-PRESETS: dict = {}
+PRESETS = {
+    "balanced": {"*": {"pattern": "tile", "backend": "flex", "density": 0.5, "dense_steps": 1}},
+}

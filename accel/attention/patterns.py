@@ -35,13 +35,7 @@ class SparseMask:
 
     @functools.cached_property
     def kv_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kv_num [Bm, Hm, nb] int32, kv_idx [Bm, Hm, nb, nb] int32): kept key blocks first, ascending."""
-        a = self.allowed
-        num = a.sum(-1).to(torch.int32)
-        nb = a.shape[-1]
-        order = torch.arange(nb, device=a.device).expand_as(a)
-        idx = torch.where(a, order, nb + order).argsort(-1).to(torch.int32)
-        return num.contiguous(), idx.contiguous()
+        return block_lists(self.allowed)
 
     def video_density(self) -> float:
         nv = self.layout.n_video_blocks
@@ -55,6 +49,14 @@ class SparseMask:
         T = self.layout.block
         m = self.allowed.repeat_interleave(T, -1).repeat_interleave(T, -2)
         return m & self.layout.valid.to(m.device)[None, None, None, :]
+
+
+def block_lists(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_num [..., nb] int32, kv_idx [..., nb, nb] int32) of a [..., nb, nb] bool mask: kept blocks first, ascending."""
+    nb = a.shape[-1]
+    order = torch.arange(nb, device=a.device).expand_as(a)
+    idx = torch.where(a, order, nb + order).argsort(-1).to(torch.int32)
+    return a.sum(-1).to(torch.int32).contiguous(), idx.contiguous()
 
 
 def _budget(layout: BlockLayout, density: float) -> int:
