@@ -13,6 +13,7 @@ from .cache.config import CacheConfig
 from .config import Config, available_presets, preset
 from .config_base import ConfigError
 from .families import FAMILIES, UnsupportedModelError
+from .parallel import ParallelConfig, parallelize
 from .tokens.config import TokenConfig
 
 __version__ = "0.1.0"
@@ -21,4 +22,5 @@ __all__ = [
     "apply", "remove", "applied", "stats", "is_applied", "config_of",
     "Config", "CacheConfig", "TokenConfig", "AttentionConfig", "ConfigError",
     "preset", "available_presets", "FAMILIES", "UnsupportedModelError",
+    "parallelize", "ParallelConfig",
 ]

@@ -1,0 +1,89 @@
+"""`ParallelConfig`: which parallel strategies run, at which degree, in which mode.
+
+Each integer is that strategy's degree (1 = off). The world size must equal
+``cfg * max(sequence, patch, clip)``: CFG parallelism composes with one of sequence, patch or
+clip parallelism (they all split the same token axis). `vae` decodes latent tiles on every rank
+of the group. `accel.parallelize` checks the degrees against the model (heads divisible, world
+size) before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config_base import ConfigBase, ConfigError, spec
+
+PATCH_MODES = ("sync", "async", "corrected_async_gn", "sync_gn", "stale_gn")
+# "async" is DistriFusion's default: stale K/V and halos, GroupNorm with corrected stale statistics.
+ASYNC_ALIASES = {"async": "corrected_async_gn"}
+
+
+@dataclass(frozen=True)
+class ParallelConfig(ConfigBase):
+    """Multi-process parallel inference (torch.distributed: NCCL on CUDA, gloo on CPU).
+
+    Important:
+        cfg: 2 runs the conditional and unconditional branches on different ranks (one
+            all-gather per step). Exact.
+        sequence: Ulysses degree for DiTs (all-to-all over heads); exact.
+        patch: DistriFusion displaced patch degree (row patches), UNets and Flux.
+        patch_mode: ``sync`` (exact), ``async`` (= ``corrected_async_gn``: stale K/V, halos and
+            GroupNorm statistics from the previous step, communication overlapped), ``sync_gn``
+            (stale K/V and halos, synchronous GroupNorm), ``stale_gn`` (stale statistics, no
+            local correction).
+        vae: decode latent tiles across all ranks.
+    Tinkering:
+        warmup_steps: fully synchronous steps before displaced (stale) communication starts.
+        patch_kv_fraction: PCPP, the fraction of the other patches' K/V tokens each rank attends
+            to in async steps (1.0 = all).
+        sequence_backend: ``auto`` (diffusers' context parallelism where the model has
+            ``_cp_plan``, ours elsewhere), ``diffusers`` or ``ulysses`` (ours everywhere).
+        timeout_s: collective timeout: a dead rank makes the others fail after this long.
+    """
+
+    section = "parallel"
+
+    cfg: int = spec(1, choices=(1, 2), help="CFG parallel degree: 2 splits cond/uncond across ranks")
+    sequence: int = spec(1, min=1, help="Ulysses sequence-parallel degree (DiTs)")
+    sequence_backend: str = spec("auto", choices=("auto", "diffusers", "ulysses"),
+                                 help="diffusers' context parallelism where the model has _cp_plan, or ours")
+    patch: int = spec(1, min=1, help="displaced patch (DistriFusion) degree")
+    patch_mode: str = spec("sync", choices=PATCH_MODES, help="sync is exact; the others reuse stale activations")
+    warmup_steps: int = spec(1, min=0, help="fully synchronous steps before stale communication")
+    patch_kv_fraction: float = spec(1.0, min=0.0, max=1.0, min_exclusive=True,
+                                    help="PCPP: fraction of other patches' K/V tokens used in async steps")
+    clip: int = spec(1, min=1, help="clip parallel degree for video (not implemented yet; keep 1)")
+    vae: bool = spec(False, help="decode latent tiles across all ranks")
+    vae_overlap: int = spec(4, min=0, help="latent rows/columns of overlap between VAE tiles, blended")
+    backend: str = spec("auto", choices=("auto", "nccl", "gloo"), help="auto: nccl on CUDA, gloo on CPU")
+    timeout_s: float = spec(300.0, min=1.0, help="collective timeout in seconds")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or self.vae
+
+    @property
+    def inner(self) -> int:
+        """Degree of the token-axis strategy (sequence, patch or clip)."""
+        return max(self.sequence, self.patch, self.clip)
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.inner
+
+    @property
+    def gn_mode(self) -> str:
+        return ASYNC_ALIASES.get(self.patch_mode, self.patch_mode)
+
+    def validate(self) -> None:
+        on = [n for n in ("sequence", "patch", "clip") if getattr(self, n) > 1]
+        if len(on) > 1:
+            raise ConfigError(f"parallel.{on[1]}: {getattr(self, on[1])!r} cannot be combined with "
+                              f"{on[0]}={getattr(self, on[0])}; they split the same token axis. "
+                              "Use one of sequence, patch or clip (each composes with cfg=2)")
+        if self.clip > 1:
+            raise ConfigError("parallel.clip: clip parallelism (Video-Infinity) is not implemented yet; "
+                              "use sequence=N for long videos on DiTs")
+
+
+PRESETS: dict = {}  # parallel degrees depend on the machine, not on a quality/speed preset
