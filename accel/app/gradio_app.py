@@ -238,7 +238,7 @@ def _summary(res, preset) -> str:
     steps = res.stats.get("steps", "?")
     setting = f"preset `{preset}`" if preset else "custom config"
     if not res.metrics:
-        line = f"**{acc:.2f} s** ({steps} steps, {setting}, seed {res.seed})"
+        line = f"**{acc:.2f} s** ({steps} step{'' if steps == 1 else 's'}, {setting}, seed {res.seed})"
     else:
         m = res.metrics
         psnr = "identical (PSNR ∞)" if m["psnr"] is None else f"PSNR {m['psnr']:.2f} dB"

@@ -254,13 +254,16 @@ class Engine:
 
         worker.pipe = None  # free the old one before loading the next
         _empty_cache()
+        error = None
         try:
-            worker.pipe = self.loader(model, worker.index)
-        except (ModelLoadError, ValueError) as e:
-            worker.pipe, worker.model = self.loader(self.model_name, worker.index), self.model_name
-            raise InputError(_first_line(e)) from None
-        worker.model = model
+            pipe = self.loader(model, worker.index)
+        except (ModelLoadError, ValueError) as e:  # back to the served model, so the worker stays usable
+            error = InputError(_first_line(e))
+            model, pipe = self.model_name, self.loader(self.model_name, worker.index)
+        worker.pipe, worker.model = pipe, model
         worker.describe()
+        if error:
+            raise error
 
     def _save(self, worker: Worker, req: Request, config, kw, frames, result: Result, base) -> None:
         from . import outputs

@@ -30,10 +30,10 @@ def app_url(tmp_path_factory):
     from accel.app.web_limits import Limits
     from accel.pipelines import tiny
 
-    demo = build_app(tiny.make("sd15"), "tiny-sd15", limits=Limits(max_steps=8),
+    demo = build_app(tiny.make("sd15"), "tiny-sd15", limits=Limits(max_steps=400),
                      out_dir=tmp_path_factory.mktemp("browser-app"))
     url = serve(demo, port=None, block=False, quiet=True)
-    yield url
+    yield url, demo.accel_engine
     demo.close()
 
 
@@ -54,7 +54,7 @@ def page(tmp_path_factory):
 def test_generate_in_a_real_browser(app_url, page, tmp_path):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(app_url)
+    page.goto(app_url[0])
     page.locator("#prompt textarea").fill("a photo of a red cat")
     page.locator("#steps input").fill("2")
     page.locator("#generate").click()
@@ -76,3 +76,17 @@ def test_generate_in_a_real_browser(app_url, page, tmp_path):
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     assert not errors, errors
+
+
+def test_stop_button_ends_a_long_run(app_url, page):
+    engine = app_url[1]
+    page.locator("#steps input").fill("300")
+    page.locator("#generate").click()
+    page.get_by_text("accelerated: denoising").first.wait_for()  # the progress bar is running
+    page.wait_for_function("/([3-9]|[1-9][0-9]+)\\/300/.test(document.body.innerText)")  # a few steps done
+    page.locator("#stop").click()
+    page.locator("#steps input").fill("1")
+    page.locator("#generate").click()
+    page.locator("#summary").get_by_text("1 step,").wait_for()  # the next request ran
+    long_runs = [e for e in engine.log if e["steps"] == 300]
+    assert long_runs and long_runs[-1]["stopped"] and long_runs[-1]["steps_done"] < 300

@@ -276,3 +276,30 @@ def test_limits_from_flags_and_file(tmp_path):
     assert limits_from_args(args) == Limits(max_steps=12, max_batch=1, max_frames=17)
     with pytest.raises(accel.ConfigError, match="limits.max_steps"):
         Limits(max_steps=0)
+
+
+def test_queue_runs_one_request_per_pipeline_and_is_bounded(image_app, tmp_path):
+    pipe = image_app.engine.primary.pipe
+    demo = build_app([pipe, pipe], "tiny-sd15", limits=LIMITS, out_dir=tmp_path)  # as with --gpus 2
+    runs = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in ("generate", "compare")}
+    assert {fn.concurrency_limit for fn in runs.values()} == {2}
+    assert {fn.concurrency_id for fn in runs.values()} == {"pipelines"}  # one budget for both buttons
+    assert demo._queue.max_size == LIMITS.max_queue and len(demo.accel_engine.workers) == 2
+
+
+def test_allow_model_paths_lets_requests_load_other_models(image_app, tmp_path):
+    from accel.app.web_engine import Engine, InputError
+    from accel.pipelines.load import load
+
+    made = []
+
+    def loader(name, index):
+        made.append(name)
+        return image_app.engine.primary.pipe if name == "tiny-sd15" else load(name, device="cpu")
+
+    engine = Engine(loader, "tiny-sd15", limits=LIMITS, out_dir=tmp_path, allow_model_paths=True)
+    res = engine.run(engine.parse(prompt="a ball", model="tiny-wan", steps=1, frames=5), accel.Config())
+    assert res.outputs[0].suffix == ".mp4" and res.stats["family"] == "wan" and made == ["tiny-sd15", "tiny-wan"]
+    with pytest.raises(InputError, match="unknown model '/no/such/model'"):
+        engine.run(engine.parse(prompt="x", model="/no/such/model"), accel.Config())
+    assert made[-1] == "tiny-sd15" and engine.primary.family == "sd15"  # back to the served model
