@@ -99,7 +99,7 @@ class BlockCache:
         if order and old is not None:
             dt = st.step - st.data["res_step"]
             factors = []
-            for now, prev in zip(res, old):
+            for now, prev in zip(res, old, strict=True):
                 if now is None or prev is None or prev[0].shape != now.shape:
                     factors.append(None if now is None else (now,))
                     continue

@@ -10,6 +10,7 @@ the wrong tensor (PSNR drops to ~10-20 dB), not a small loss of quality.
 import numpy as np
 import pytest
 import torch
+from helpers.snapshot import run, state_of
 
 import accel
 from accel import CacheConfig
@@ -18,7 +19,6 @@ from accel.config import preset as preset_config
 from accel.config_base import ConfigError
 from accel.eval.metrics import psnr
 from accel.pipelines import tiny
-from helpers.snapshot import run, state_of
 
 UNETS = ("sd15", "sdxl", "animatediff")
 FAMILY = {"wan22": "wan"}
