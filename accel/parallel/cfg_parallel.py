@@ -83,7 +83,10 @@ class CFGParallelHook(ModelHook):
 
         if self.state.branch in ("cond", "uncond") or self.pipe is None:
             return 0
-        if not getattr(self.pipe, "do_classifier_free_guidance", False):
+        cfg_on = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if cfg_on is None:  # pipelines that keep it in a local variable (CogVideoX, PixArt) keep the scale
+            cfg_on = getattr(self.pipe, "_guidance_scale", 1.0) > 1.0
+        if not cfg_on:
             return 0
         inputs = bind_inputs(module, args, kwargs)
         x = inputs.get("sample", inputs.get("hidden_states"))
