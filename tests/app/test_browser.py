@@ -25,16 +25,25 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: 
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_url(tmp_path_factory, tiny_cache):
+    import accel
     from accel.app.gradio_app import build_app, serve
     from accel.app.web_limits import Limits
-    from accel.pipelines import tiny
 
-    demo = build_app(tiny.make("sd15"), "tiny-sd15", limits=Limits(max_steps=400),
-                     out_dir=tmp_path_factory.mktemp("browser-app"))
+    pipe = tiny_cache("sd15")
+    demo = build_app(pipe, "tiny-sd15", limits=Limits(max_steps=400), out_dir=tmp_path_factory.mktemp("browser-app"))
     url = serve(demo, port=None, block=False, quiet=True)
     yield url, demo.accel_engine
     demo.close()
+    accel.remove(pipe)  # the session's shared pipeline goes back as it came
+
+
+def _screenshot(page, tmp_path, name):
+    folder = Path(os.environ.get("ACCEL_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    shot = folder / name
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +79,7 @@ def test_generate_in_a_real_browser(app_url, page, tmp_path):
     history = page.locator("#history img")
     history.first.wait_for(state="visible")
 
-    folder = Path(os.environ.get("ACCEL_SCREENSHOT_DIR") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    shot = folder / "web_app_generate.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
+    _screenshot(page, tmp_path, "web_app_generate.png")
     assert not errors, errors
 
 
@@ -90,3 +95,26 @@ def test_stop_button_ends_a_long_run(app_url, page):
     page.locator("#summary").get_by_text("1 step,").wait_for()  # the next request ran
     long_runs = [e for e in engine.log if e["steps"] == 300]
     assert long_runs and long_runs[-1]["stopped"] and long_runs[-1]["steps_done"] < 300
+
+
+def test_preset_fills_the_knobs_and_compare_shows_both(app_url, page, tmp_path):
+    import accel
+
+    enabled = [p for p in accel.available_presets() if accel.preset(p, "sd15").cache.enabled]
+    if not enabled:
+        pytest.skip("no preset with step caching for sd15 in this tree")
+    name, method = enabled[-1], accel.preset(enabled[-1], "sd15").cache.method
+    page.locator("#preset input").click()
+    page.get_by_role("option", name=name, exact=True).click()
+    from accel.app.web_controls import section_title
+
+    page.get_by_text(section_title(accel.CacheConfig)).click()  # open the cache knobs
+    page.wait_for_function(f"document.querySelector('#knob-cache-method input')?.value === {method!r}")
+    page.get_by_text(f'"method": "{method}"').first.wait_for()  # the config JSON follows the knobs
+    page.locator("#steps input").fill("6")
+    page.locator("#compare").click()
+    page.locator("#summary").get_by_text("speedup").wait_for()
+    page.locator("#baseline img").first.wait_for(state="visible")
+    page.locator("#result img").first.wait_for(state="visible")
+    assert "SSIM" in page.locator("#summary").inner_text() and "cache:" in page.locator("#summary").inner_text()
+    _screenshot(page, tmp_path, "web_app_compare.png")

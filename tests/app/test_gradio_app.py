@@ -26,7 +26,6 @@ from accel.app import web_controls  # noqa: E402
 from accel.app.gradio_app import build_app, serve  # noqa: E402
 from accel.app.web_limits import Limits  # noqa: E402
 from accel.config_base import ConfigBase, spec  # noqa: E402
-from accel.pipelines import tiny  # noqa: E402
 
 LIMITS = Limits(max_width=64, max_height=64, max_steps=400, max_frames=9, max_batch=2, max_queue=4)
 
@@ -52,23 +51,23 @@ class Server:
         self.demo.close()
 
 
-def _server(tmp_path_factory, name):
-    srv = Server(build_app(tiny.make(name), f"tiny-{name}", limits=LIMITS, out_dir=tmp_path_factory.mktemp(name)))
-    return srv
+@pytest.fixture(scope="module")
+def image_app(tmp_path_factory, tiny_cache):
+    yield from _serving(tiny_cache("sd15"), "tiny-sd15", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def image_app(tmp_path_factory):
-    srv = _server(tmp_path_factory, "sd15")
-    yield srv
-    srv.close()
+def video_app(tmp_path_factory, tiny_cache):
+    yield from _serving(tiny_cache("wan"), "tiny-wan", tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def video_app(tmp_path_factory):
-    srv = _server(tmp_path_factory, "wan")
-    yield srv
-    srv.close()
+def _serving(pipe, name, tmp_path_factory):
+    srv = Server(build_app(pipe, name, limits=LIMITS, out_dir=tmp_path_factory.mktemp(name)))
+    try:
+        yield srv
+    finally:
+        srv.close()
+        accel.remove(pipe)  # the session's shared pipeline goes back as it came
 
 
 def _pixels(path) -> np.ndarray:
