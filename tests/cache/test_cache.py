@@ -47,7 +47,8 @@ def test_noop_settings_bitwise_and_remove_restores(name, tiny_cache):
 
 
 # (pipeline, preset, steps, PSNR floor in dB). Measured PSNR on the tiny models (2-core CPU):
-# sd15 balanced ~44 dB, sdxl ~43, wan fast ~40, pixart ~48, ltx ~45; floors sit ~10 dB below.
+# sd15 balanced 51.7 dB, sdxl fast 51.7, wan fast 59.4, pixart fast 67.1, ltx fast 58.9; floors sit 20+ dB
+# below, since a few seeds and the noisy random weights move these by several dB.
 PRESET_CASES = [("sd15", "balanced", 8, 30.0), ("sdxl", "fast", 8, 28.0), ("wan", "fast", 10, 28.0),
                 ("pixart", "fast", 10, 30.0), ("ltx", "fast", 10, 30.0)]
 
@@ -165,7 +166,7 @@ def test_taylor_extrapolation_reuses_and_differs_from_plain(tiny_cache):
             outs[order] = run(pipe, "wan", num_inference_steps=9)
             assert accel.stats(pipe)["cache"]["reused"] > 0
     assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
-    assert min(psnr(ref, o) for o in outs.values()) >= 25.0  # measured ~36-40 dB
+    assert min(psnr(ref, o) for o in outs.values()) >= 40.0  # measured 63.7 (order 0), 64.9 (1), 64.2 (2) dB
 
 
 def test_flux_img2img_with_diffusers_first_block_cache(tiny_cache):
