@@ -1,4 +1,7 @@
-"""``import accel.auto``: accelerate every diffusers pipeline this process calls, configured by the environment.
+"""The zero-code patch: accelerate every diffusers pipeline a process calls, configured by the environment.
+
+Reached through ``import accel.auto`` or `accel run` (whose ``sitecustomize`` wraps the pipeline
+classes without importing accel, and calls `before_call` / `after_call` here at each pipeline call):
 
     ACCEL_PRESET=fast python script.py       # with `import accel.auto` at the top of script.py
     accel run --preset fast -- python script.py   # no change to script.py at all
@@ -29,9 +32,9 @@ import sys
 import weakref
 from pathlib import Path
 
-from .config_base import ConfigError
+from ..config_base import ConfigError
 
-_PATCH_FILE = Path(__file__).parent / "app" / "sitecustomize" / "_accel_autopatch.py"
+_PATCH_FILE = Path(__file__).parent / "sitecustomize" / "_accel_autopatch.py"
 _state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> _Seen
 _report: list[dict] = []  # one entry per accelerated pipeline, kept after the pipeline is gone
 
@@ -42,14 +45,14 @@ class _Seen:
 
 
 def default_preset() -> str:
-    from . import available_presets
+    from .. import available_presets
 
     return "balanced" if "balanced" in available_presets() else "off"
 
 
 def configured() -> tuple[str, str]:
     """("preset", name) or ("config", path) from the environment; ConfigError if it is wrong."""
-    from . import available_presets
+    from .. import available_presets
 
     preset, config = os.environ.get("ACCEL_PRESET"), os.environ.get("ACCEL_CONFIG")
     if preset and config:
@@ -57,7 +60,7 @@ def configured() -> tuple[str, str]:
     if config:
         if not Path(config).is_file():
             raise ConfigError(f"ACCEL_CONFIG={config!r}: no such file")
-        from .config import Config
+        from ..config import Config
 
         Config.load(config)  # fail now, not at the first call
         return "config", config
@@ -72,7 +75,9 @@ def before_call(pipe) -> None:
     if pipe in _state:
         return
     import accel
-    from .families import UnsupportedModelError, denoisers_of
+
+    _report_at_exit()
+    from ..families import UnsupportedModelError, denoisers_of
 
     try:
         denoisers_of(pipe)
@@ -122,13 +127,19 @@ def _patch_module():
     return mod
 
 
+_registered = []
+
+
+def _report_at_exit() -> None:
+    if not _registered:
+        atexit.register(_print_report)
+        _registered.append(True)
+
+
 def install() -> None:
-    """Wrap diffusers' pipeline classes (idempotent) and print the stats at exit."""
+    """Check the environment's settings, wrap diffusers' pipeline classes (idempotent), report at exit."""
     from diffusers import DiffusionPipeline
 
     configured()
     _patch_module().patch_pipeline_class(DiffusionPipeline)
-
-
-install()
-atexit.register(_print_report)
+    _report_at_exit()

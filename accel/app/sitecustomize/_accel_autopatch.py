@@ -10,7 +10,8 @@ offloading before generating.
 
 This file sits outside the ``accel`` package on purpose: ``sitecustomize`` installs it while
 diffusers is still being imported, when importing accel (torch, diffusers.hooks) would be too
-early. Nothing here imports accel; the wrapper imports ``accel.auto`` at the first pipeline call.
+early. Nothing here imports accel; the wrapper imports
+``accel.app.zero_code`` at the first pipeline call.
 """
 
 import functools
@@ -49,7 +50,7 @@ def _wrap(cls) -> None:
 
     @functools.wraps(call)
     def __call__(self, *args, **kwargs):
-        import accel.auto as auto
+        from accel.app import zero_code as auto
 
         depth = _depth.get(self, 0)
         if depth == 0:

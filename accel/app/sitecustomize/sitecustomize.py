@@ -3,7 +3,7 @@ accelerates the diffusers pipelines it calls, without a change to its code.
 
 Python imports ``sitecustomize`` at start-up. This one imports nothing heavy: it waits for
 ``diffusers.pipelines.pipeline_utils`` to be imported (a meta-path finder), then wraps the pipeline
-classes' ``__call__`` (see ``_accel_autopatch``); ``accel.auto`` is imported at the first pipeline
+classes' ``__call__`` (see ``_accel_autopatch``); ``accel.app.zero_code`` is imported at the first pipeline
 call and reads ``ACCEL_PRESET`` / ``ACCEL_CONFIG``. A script that never imports diffusers pays
 nothing, and one that sets environment variables (HF_HOME, ...) before importing diffusers keeps
 working. A ``sitecustomize`` this one shadows (a distribution's, a virtualenv's) still runs.

@@ -1,0 +1,128 @@
+"""Batch driver throughput: rows/min of a 50-row batch on a tiny model, side by side in one run.
+
+Rows: 50 prompts (seeds 0..49) on ``tiny-sd15`` (32 px, 8 steps by default). Compared:
+
+* ``plain loop``: the loop a user writes with diffusers alone: ``pipe(**kw)`` per row, then a PIL
+  ``save`` of the PNG. No sidecar, no manifest, no atomic rename.
+* ``accel batch off``: `accel.app.batch.run_worker` (what ``accel batch`` runs after parsing) at
+  preset ``off``: atomic PNG, sidecar JSON with accel.stats, manifest line with SHA-256, fsync each.
+  Its cost over the plain loop is the driver's overhead (target < 5%).
+* ``accel batch <preset>``: every other preset defined when the benchmark runs.
+
+All use one pipeline object, built once (model loading is not part of a row), and the same seeds.
+Configurations are interleaved per repeat (the machine is shared); the table gives medians.
+Fidelity: mean PSNR / SSIM of each configuration's PNGs against the plain loop's (decoded uint8).
+
+    python benchmarks/bench_batch.py            # 50 rows x 3 repeats (~5-10 min on 2 CPU cores)
+    python benchmarks/bench_batch.py --quick    # 12 rows x 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import accel
+from accel.app import batch
+from accel.app.generation import generation_defaults
+from accel.app.prompts import Row
+from accel.app.workers import Rank
+from accel.eval.metrics import psnr, ssim
+from accel.pipelines import tiny
+from accel.pipelines.call import call_kwargs, to_frames
+
+SUBJECTS = "cat dog horse bird fox robot castle boat tree flower".split()
+PLACES = "on the moon|in a forest|at the beach|in the snow|in a city".split("|")
+
+
+def _rows(n: int) -> list[Row]:
+    return [Row(index=i, line=i + 1, prompt=f"a {SUBJECTS[i % 10]} {PLACES[(i // 10) % 5]}") for i in range(n)]
+
+
+def _plain_loop(pipe, rows, steps, out: Path) -> None:
+    out.mkdir(parents=True)
+    for r in rows:
+        kw = call_kwargs(pipe, prompt=r.prompt, steps=steps, seed=r.index, defaults=generation_defaults("tiny-sd15"))
+        frames = to_frames(pipe(**kw))
+        Image.fromarray((np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)).save(out / f"{r.index:05d}.png")
+
+
+def _accel_batch(pipe, rows, steps, out: Path, preset: str) -> None:
+    s = batch.Settings({**{k: d for k, (_, d, _) in batch.SETTINGS.items()}, "model": "tiny-sd15", "out": str(out),
+                        "preset": preset, "steps": steps})
+    jobs = batch.plan(rows, s)
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = batch.run_worker(jobs, s, Rank(), progress=False, pipe=pipe)
+    assert rc == 0, f"accel batch at {preset} failed"
+
+
+def _images(folder: Path) -> dict[int, np.ndarray]:
+    out = {}
+    for p in folder.glob("*.png"):
+        if p.name[:5].isdigit():
+            out[int(p.name[:5])] = np.asarray(Image.open(p), dtype=np.float32) / 255.0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rows", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=None)
+    a = ap.parse_args()
+    n = a.rows or (12 if a.quick else 50)
+    repeats = a.repeats or (1 if a.quick else 3)
+    rows = _rows(n)
+    pipe = tiny.make("sd15")
+    presets = [p for p in accel.available_presets() if p != "off"]
+    configs = {"plain loop": None, "accel batch off": "off", **{f"accel batch {p}": p for p in presets}}
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    root = Path(tempfile.mkdtemp(prefix="bench_batch_"))
+    try:
+        # Warm-up: first calls pay for allocator and kernel selection.
+        _plain_loop(pipe, rows[:2], a.steps, root / "warm")
+        fidelity = {}
+        for rep in range(repeats):
+            for label, preset in configs.items():
+                out = root / f"{rep}-{label.replace(' ', '_')}"
+                t = time.perf_counter()
+                if preset is None:
+                    _plain_loop(pipe, rows, a.steps, out)
+                else:
+                    _accel_batch(pipe, rows, a.steps, out, preset)
+                times[label].append(time.perf_counter() - t)
+                print(f"  repeat {rep + 1}/{repeats} {label}: {60 * n / times[label][-1]:.1f} rows/min", flush=True)
+        base = _images(root / "0-plain_loop")
+        for label in configs:
+            imgs = _images(root / f"0-{label.replace(' ', '_')}")
+            p = [psnr(base[i], imgs[i]) for i in sorted(base)]
+            s = [ssim(base[i], imgs[i]) for i in sorted(base)]
+            exact = all(np.array_equal(base[i], imgs[i]) for i in base)
+            fidelity[label] = (statistics.mean(p), statistics.mean(s), exact)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    plain = statistics.median(times["plain loop"])
+    print(f"\n{n} rows, tiny-sd15 32 px, {a.steps} steps, median of {repeats}; torch threads {torch.get_num_threads()}")
+    print("| configuration | rows/min | time vs plain loop | PSNR (dB) vs plain | SSIM vs plain |")
+    print("|---|---|---|---|---|")
+    for label in configs:
+        med = statistics.median(times[label])
+        ps, ss, exact = fidelity[label]
+        ps_text = "inf (bitwise equal)" if exact else ("inf" if ps == float("inf") else f"{ps:.2f}")
+        print(f"| {label} | {60 * n / med:.1f} | {med / plain:.3f} | {ps_text} | {ss:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
