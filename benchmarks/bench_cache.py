@@ -123,6 +123,7 @@ def table(title, rows, notes):
 
 
 def run_rows(pipe, kwargs, repeats, variants):
+    pipe(**kwargs, generator=torch.Generator().manual_seed(0))  # untimed warm-up: first-call set-up costs
     rows = []
     for name, setup, teardown in variants:
         try:
