@@ -47,8 +47,6 @@ class Family:
     text_position: str | None = None  # joint attention: "first" or "last"; None: text kept apart
     grid: Callable = field(default=None, repr=False)  # (module, inputs) -> (frames, height, width)
     pipelines: tuple[str, ...] = ()  # pipeline classes tested with this family
-    # DiT blocks returning a tuple: where the image/video hidden states are in it (the text is the other).
-    block_image_output: int = 0
 
 
 def _tokens_grid_4d(patch_attr: str = "patch_size"):
@@ -108,10 +106,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            grid=_grid_unet, pipelines=("AnimateDiffPipeline",)),
     Family("flux", "Flux.1", ("FluxTransformer2DModel",), "dit", False,
            ("transformer_blocks", "single_transformer_blocks"), "first", _grid_flux,
-           ("FluxPipeline", "FluxImg2ImgPipeline"), block_image_output=1),
+           ("FluxPipeline", "FluxImg2ImgPipeline")),
     Family("sd3", "Stable Diffusion 3 / 3.5", ("SD3Transformer2DModel",), "dit", False,
-           ("transformer_blocks",), "last", _tokens_grid_4d(), ("StableDiffusion3Pipeline",),
-           block_image_output=1),
+           ("transformer_blocks",), "last", _tokens_grid_4d(), ("StableDiffusion3Pipeline",)),
     Family("pixart", "PixArt-Sigma / Alpha", ("PixArtTransformer2DModel",), "dit", False,
            ("transformer_blocks",), None, _tokens_grid_4d(), ("PixArtSigmaPipeline",)),
     Family("cogvideox", "CogVideoX", ("CogVideoXTransformer3DModel",), "dit", True,

@@ -61,6 +61,11 @@ class StepTracker:
     def on_call_start(self, fn: Callable[[StepState], None]) -> None:
         self._listeners.append(fn)
 
+    @property
+    def context_name(self) -> str | None:
+        """The name the pipeline itself gave ``cache_context`` for the running call, if any."""
+        return self._context_name
+
     # --- attachment ---------------------------------------------------------------------------
     def attach(self, adapters: list[Adapter], ledger: Ledger) -> None:
         scheduler = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None

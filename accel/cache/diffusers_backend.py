@@ -178,7 +178,7 @@ class _Context(ModelHook):
                               "uncond as separate calls; use 'diffusers.pab' or 'block'")
         try:
             # The tracker knows whether the pipeline entered its own cache_context around this call.
-            if cache.tracker._context_name is not None:
+            if cache.tracker.context_name is not None:
                 return self.fn_ref.original_forward(*args, **kwargs)
             s = cache.tracker.state
             extra = {"step_index": s.step, "num_inference_steps": s.total_steps} if cache._context_kwargs else {}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
+from ..families import block_io
 from . import blockio, matching
 from .state import TokenState
 
@@ -170,10 +171,13 @@ class DiTBlockHook(ModelHook):
     def __init__(self, ts: TokenState, name: str):
         super().__init__()
         self.ts, self.name = ts, name
-        self.output_index = ts.family.block_image_output
+        self.output_index = None  # read from the block on first use (families.block_io)
 
     def new_forward(self, module, *args, **kwargs):
         ts, original = self.ts, self.fn_ref.original_forward
+        if self.output_index is None:
+            io = block_io(module)
+            self.output_index = io[0] if io else 0
         x = _hidden(args, kwargs)
         n = x.shape[1] if isinstance(x, torch.Tensor) and x.ndim == 3 else 0
         ratio = ts.ratio()
