@@ -149,4 +149,4 @@ class CFGParallelHook(ModelHook):
         return _with_first(self.form, both[:n].clone())
 
     def stats(self) -> dict:
-        return {"cfg_gathers": self.gathers, "cfg_bytes_sent": self.bytes}
+        return {"cfg_gathers": self.gathers, "cfg_bytes": self.bytes}

@@ -85,8 +85,14 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+COMM_SECONDS = {"total": 0.0}  # wall time spent inside collectives (async launches excluded)
+
+
 def _guard(fn: Callable, what: str):
     """Run a collective; turn a peer's death or a timeout into one clear ParallelError."""
+    import time
+
+    t0 = time.perf_counter()
     try:
         return fn()
     except ParallelError:
@@ -95,6 +101,8 @@ def _guard(fn: Callable, what: str):
         raise ParallelError(
             f"rank {rank()}: {what} failed: another rank stopped responding or crashed ({str(e).splitlines()[0][:160]}). "
             "See that rank's error above; the whole group stops.") from e
+    finally:
+        COMM_SECONDS["total"] += time.perf_counter() - t0
 
 
 def barrier() -> None:
