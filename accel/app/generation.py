@@ -10,6 +10,10 @@ def generation_defaults(model: str) -> dict:
 
         d = tiny.example_inputs(model[len("tiny-"):])
         return {k: v for k, v in d.items() if k not in ("prompt", "negative_prompt", "generator", "output_type")}
+    if model.startswith("ref-"):
+        from ..pipelines import ref
+
+        return ref.call_defaults(model)
     return {}
 
 

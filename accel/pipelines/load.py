@@ -1,8 +1,10 @@
 """Loading a pipeline from a hub id, a local diffusers folder, or a built-in name.
 
 Built-in names: ``tiny-<name>`` for every tiny random-weight pipeline in `accel.pipelines.tiny`
-(offline, for tests and demos). The device is CUDA when present, else CPU; the dtype is bfloat16
-on CUDA and float32 on CPU (half precision on CPU is slow and inaccurate).
+(offline, for tests and demos), and ``ref-<name>`` for the small reference models trained on
+procedural shapes that ship with the package (`accel.pipelines.ref`). The device is CUDA when
+present, else CPU; the dtype is bfloat16 on CUDA and float32 on CPU (half precision on CPU is slow
+and inaccurate).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ class ModelLoadError(RuntimeError):
 
 def builtin_models() -> dict[str, str]:
     """Built-in model name -> what it is."""
-    from . import tiny
+    from . import ref, tiny
 
-    return {f"tiny-{n}": f"tiny random-weight {cls} (offline)" for n, cls in tiny.describe().items()}
+    tinies = {f"tiny-{n}": f"tiny random-weight {cls} (offline)" for n, cls in tiny.describe().items()}
+    return {**ref.shipped(), **tinies}
 
 
 def default_device() -> str:
@@ -60,6 +63,14 @@ def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
         if name not in tiny.NAMES:
             raise ModelLoadError(f"unknown built-in model {model!r}; built-in models: {', '.join(builtin_models())}")
         pipe = tiny.make(name, seed=seed, dtype=dtype, device=device)
+    elif model.startswith("ref-"):
+        from . import ref
+
+        try:
+            folder = ref.model_path(model)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+        pipe = _from_pretrained(str(folder), dtype, local=True).to(device)
     elif Path(model).exists():
         if not (Path(model) / "model_index.json").is_file():
             raise ModelLoadError(f"{model!r} is a path but not a diffusers pipeline folder (no model_index.json)")

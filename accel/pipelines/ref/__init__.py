@@ -1,0 +1,50 @@
+"""Reference models: small real diffusers pipelines trained offline on `accel.eval.shapes` data.
+
+``python -m accel.pipelines.ref.train_sd`` (``train_video``) trains ``ref-sd`` (``ref-video``)
+from a seed and saves it with ``save_pretrained`` (safetensors) under
+``accel/pipelines/ref_models/<name>/``, which ships with the package; `accel.pipelines.load`
+finds it by name (``load("ref-sd")``, ``--model ref-sd``) or by path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "ref_models"
+
+# name -> (what it is, the command that trains it)
+MODELS: dict[str, tuple[str, str]] = {
+    "ref-sd": ("StableDiffusionPipeline, 64 px, trained on procedural shapes (offline)",
+               "python -m accel.pipelines.ref.train_sd"),
+    "ref-video": ("WanPipeline, 17 frames of 32 px, trained on moving procedural shapes (offline)",
+                  "python -m accel.pipelines.ref.train_video"),
+}
+
+# The call each model was trained and measured for (the pipelines' own defaults are sized for the
+# released checkpoints: Wan would render 81 frames of 480x832).
+_CALL_DEFAULTS: dict[str, dict] = {
+    "ref-sd": {"num_inference_steps": 25, "guidance_scale": 5.0, "height": 64, "width": 64},
+    "ref-video": {"num_inference_steps": 25, "guidance_scale": 5.0, "height": 32, "width": 32, "num_frames": 17,
+                  "max_sequence_length": 32},
+}
+
+
+def shipped() -> dict[str, str]:
+    """Reference models whose weights are present: name -> description."""
+    return {name: what for name, (what, _) in MODELS.items() if (MODELS_DIR / name / "model_index.json").is_file()}
+
+
+def call_defaults(name: str) -> dict:
+    """Keyword arguments for a good call of reference model ``name`` (steps, size, guidance)."""
+    return dict(_CALL_DEFAULTS.get(name, {}))
+
+
+def model_path(name: str) -> Path:
+    """The folder of reference model ``name``; ValueError saying how to get it if it is missing."""
+    if name not in MODELS:
+        raise ValueError(f"unknown reference model {name!r}; reference models: {', '.join(MODELS)}")
+    folder = MODELS_DIR / name
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"reference model {name!r} is not in this installation ({folder}); "
+                         f"train it with `{MODELS[name][1]}`")
+    return folder

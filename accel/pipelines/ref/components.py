@@ -1,0 +1,86 @@
+"""Building blocks shared by the reference-model training scripts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ...eval import shapes
+from . import MODELS_DIR  # noqa: F401  (the training scripts save there)
+
+MAX_TOKENS = 32  # the longest data prompt is about 22 words
+
+
+def word_tokenizer(max_length: int = MAX_TOKENS):
+    """A word-level tokenizer over the data vocabulary (every data word is one token).
+
+    ``<s> words </s>`` then padding, as CLIP and T5 expect; unknown words map to ``<unk>``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>", "<s>"]  # T5 order: pad 0, eos 1 (CLIP pools at eos)
+    vocab = {w: i for i, w in enumerate([*specials, ",", *shapes.VOCABULARY])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=max_length, do_lower_case=True,
+    )  # fmt: skip
+
+
+def setup(threads: int, seed: int) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (with the usual warm-up)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999):
+        self.decay, self.step = decay, 0
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.step += 1
+        d = min(self.decay, (1 + self.step) / (10 + self.step))
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        module.load_state_dict(self.shadow)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))))
+
+
+class Log:
+    def __init__(self, every: int = 25):
+        self.every, self.t0, self.acc, self.n = every, time.time(), 0.0, 0
+
+    def __call__(self, tag: str, step: int, total: int, loss: float) -> None:
+        self.acc, self.n = self.acc + loss, self.n + 1
+        if (step + 1) % self.every == 0 or step + 1 == total:
+            print(f"[{tag}] step {step + 1}/{total} loss {self.acc / self.n:.4f} "
+                  f"({time.time() - self.t0:.0f}s)", flush=True)  # fmt: skip
+            self.acc, self.n = 0.0, 0
+
+
+def write_record(folder: Path, record: dict) -> None:
+    (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")

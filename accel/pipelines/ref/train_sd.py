@@ -1,0 +1,221 @@
+"""Train ``ref-sd``: a small StableDiffusionPipeline (64 px) on procedural shapes.
+
+    nice -n 19 python -m accel.pipelines.ref.train_sd   # about 5 CPU-minutes
+
+Reproducible from ``--seed``: the VAE first (reconstruction + a small KL term), then the UNet and
+the text encoder together (epsilon prediction, 10% empty prompts for classifier-free guidance, EMA
+weights), on a pool of rendered scenes whose prompts are never held out. Prints the losses and, at
+the end, the attribute checker's colour and shape accuracy on held-out prompts, and writes both to
+``training.json`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...eval import checker, shapes
+from . import components as C
+
+SIZE = 64
+# The decoder sees the posterior mean plus this much noise (a few hundred steps would not shrink
+# the posterior's own std from 1, and latents that are mostly noise are hard to model).
+LATENT_NOISE = 0.1
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    # 4x downsampling (64 px -> 16x16x4 latents); no mid-block attention: the shapes are local.
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        sample_size=SIZE, mid_block_add_attention=False, shift_factor=0.0,
+    )  # fmt: skip
+
+
+def build_text_encoder(tok, hidden: int = 64):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))  # fmt: skip
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SIZE // 4, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(24, 48, 48), layers_per_block=1, attention_head_dim=(2, 4, 4), norm_num_groups=8,
+        cross_attention_dim=64,
+    )  # fmt: skip
+
+
+def noise_schedule():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def inference_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def train_vae(vae, rng, steps: int, batch: int, lr: float) -> float:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    log, last = C.Log(), 0.0
+    vae.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = C.cosine_lr(step, steps, lr, warmup=50)
+        x = to_tensor(shapes.image_batch(rng, batch, SIZE)[0])
+        mean = vae.encode(x).latent_dist.mean
+        rec = vae.decode(mean + LATENT_NOISE * torch.randn_like(mean)).sample
+        # Anchor three latent channels to the 4x-downsampled picture: the encoder converges in a
+        # few hundred steps, colour and place are plain in the latent (easy for the denoiser), and
+        # the decoder only has to sharpen. The fourth channel is free (edges, shape detail).
+        anchor = F.mse_loss(mean[:, :3], F.avg_pool2d(x, 4))
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + anchor
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        last = float(loss)
+        log("vae", step, steps, last)
+    vae.eval()
+    return last
+
+
+@torch.no_grad()
+def latent_pool(vae, rng, n: int, chunk: int = 256):
+    """Posterior mean and std of ``n`` training scenes, and their prompts."""
+    means, stds, prompts = [], [], []
+    for i in range(0, n, chunk):
+        imgs, p = shapes.image_batch(rng, min(chunk, n - i), SIZE)
+        mean = vae.encode(to_tensor(imgs)).latent_dist.mean
+        means.append(mean)
+        stds.append(torch.full_like(mean, LATENT_NOISE))
+        prompts += p
+    return torch.cat(means), torch.cat(stds), prompts
+
+
+def tokenize(tok, prompts) -> torch.Tensor:
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def train_unet(unet, text_encoder, tok, pool, scale: float, steps: int, batch: int, lr: float, seed: int):
+    means, stds, prompts = pool
+    ids = tokenize(tok, prompts)
+    empty = tokenize(tok, [""])[0]
+    sched = noise_schedule()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema_unet, ema_text = C.EMA(unet), C.EMA(text_encoder)
+    g = torch.Generator().manual_seed(seed)
+    log, last = C.Log(), 0.0
+    unet.train()
+    text_encoder.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = C.cosine_lr(step, steps, lr)
+        idx = torch.randint(len(means), (batch,), generator=g)
+        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
+        b_ids = ids[idx].clone()
+        b_ids[torch.rand(batch, generator=g) < 0.1] = empty
+        cond = text_encoder(b_ids)[0]
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        pred = unet(sched.add_noise(z, noise, t), t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.update(unet)
+        ema_text.update(text_encoder)
+        last = float(loss)
+        log("unet", step, steps, last)
+    ema_unet.copy_to(unet)
+    ema_text.copy_to(text_encoder)
+    unet.eval()
+    text_encoder.eval()
+    return last
+
+
+@torch.no_grad()
+def evaluate(pipe, n: int = 60, steps: int = 20, guidance: float = 5.0, seed: int = 0, batch: int = 20,
+             **call) -> dict:
+    """Checker accuracy on ``n`` held-out single-shape prompts (``call``: extra pipeline arguments)."""
+    scenes = shapes.held_out_scenes(n, n_shapes=1)
+    images = []
+    for i in range(0, n, batch):
+        part = scenes[i : i + batch]
+        out = pipe([s.prompt for s in part], num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                   generator=torch.Generator().manual_seed(seed + i), **call)
+        images += list(out.images)
+    return checker.score_images(images, scenes)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-steps", type=int, default=300)
+    ap.add_argument("--unet-steps", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--pool", type=int, default=6000, help="rendered training scenes (latents cached)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval", type=int, default=60, help="held-out prompts scored at the end")
+    ap.add_argument("--out", type=Path, default=C.MODELS_DIR / "ref-sd")
+    args = ap.parse_args(argv)
+    from diffusers import StableDiffusionPipeline
+
+    C.setup(args.threads, args.seed)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.time()
+    tok = C.word_tokenizer()
+    vae, text_encoder, unet = build_vae(), build_text_encoder(tok), build_unet()
+    vae_loss = train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=2e-3)
+    t_vae = time.time() - t0
+    pool = latent_pool(vae, rng, args.pool)
+    scale = float(1.0 / pool[0].std())
+    vae.register_to_config(scaling_factor=scale)
+    print(f"latent pool {len(pool[2])} scenes, scaling_factor {scale:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    unet_loss = train_unet(unet, text_encoder, tok, pool, scale, args.unet_steps, args.batch, 2e-3, args.seed)
+    t_train = time.time() - t0
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=inference_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    scores = evaluate(pipe, args.eval) if args.eval else {}
+    record = {"seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
+              "pool": args.pool, "vae_loss": vae_loss, "unet_loss": unet_loss, "vae_seconds": round(t_vae),
+              "train_seconds": round(t_train), "held_out": scores, "eval": "20 steps, guidance 5.0, seed 0"}
+    C.write_record(args.out, record)
+    print(f"saved {args.out}; train {t_train:.0f}s; held-out colour {scores.get('colour', float('nan')):.2f} "
+          f"shape {scores.get('shape', float('nan')):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

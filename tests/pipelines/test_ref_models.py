@@ -1,0 +1,127 @@
+"""The shipped reference models: loadable by name and by path, deterministic, and they draw what
+the prompt asks for (the attribute checker scores a few held-out prompts against a stated floor)."""
+
+import numpy as np
+import pytest
+import torch
+
+from accel.eval import checker, shapes
+from accel.pipelines import ref
+from accel.pipelines.load import ModelLoadError, builtin_models, load
+
+# Floors for the few-step CI runs below (the trained figures, on more prompts and steps, are in
+# BENCHMARKS.md "Reference models"); they sit well above chance (1/7 colours, 1/5 shapes, 1/4
+# directions), so an untrained or broken model fails them.
+SD_FLOOR = {"colour": 0.7, "shape": 0.5}
+VIDEO_FLOOR = {"direction": 0.5}
+
+SHIPPED = sorted(ref.shipped())
+
+
+@pytest.fixture(scope="module")
+def ref_cache():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load(name, device="cpu")
+            cache[name].set_progress_bar_config(disable=True)
+        return cache[name]
+
+    return get
+
+
+def _image_call(pipe, prompts, seed=0, steps=10):
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+def _video_call(pipe, prompts, seed=0, steps=10):
+    return pipe(prompts, num_frames=17, height=32, width=32, num_inference_steps=steps, guidance_scale=5.0,
+                max_sequence_length=32, output_type="np", generator=torch.Generator().manual_seed(seed)).frames
+
+
+@pytest.fixture(scope="module")
+def micro_models(tmp_path_factory):
+    """Each training script, run end to end at a few steps: the pipelines it saves (untrained)."""
+    from accel.pipelines.ref import train_sd, train_video
+
+    root = tmp_path_factory.mktemp("ref_models")
+    train_sd.main(["--vae-steps", "2", "--unet-steps", "2", "--batch", "4", "--vae-batch", "2", "--pool", "8",
+                   "--eval", "1", "--out", str(root / "ref-sd")])
+    train_video.main(["--vae-steps", "1", "--steps", "2", "--batch", "2", "--vae-batch", "1", "--pool", "4",
+                      "--eval", "1", "--out", str(root / "ref-video")])
+    return root
+
+
+def test_training_scripts_save_pipelines_loadable_by_name_and_by_path(micro_models, monkeypatch):
+    import json
+
+    monkeypatch.setattr(ref, "MODELS_DIR", micro_models)
+    assert set(ref.shipped()) == {"ref-sd", "ref-video"} <= set(builtin_models())
+    for name, cls in [("ref-sd", "StableDiffusionPipeline"), ("ref-video", "WanPipeline")]:
+        record = json.loads((micro_models / name / "training.json").read_text())
+        assert record["seed"] == 0 and "held_out" in record
+        by_name, by_path = load(name, device="cpu"), load(str(micro_models / name), device="cpu")
+        assert type(by_name).__name__ == type(by_path).__name__ == cls
+    pipe = load("ref-sd", device="cpu")
+    prompt = ["a big red circle in the center on a gray background"]
+    np.testing.assert_array_equal(_image_call(pipe, prompt, 3, steps=3), _image_call(pipe, prompt, 3, steps=3))
+    video = _video_call(load("ref-video", device="cpu"), prompt, steps=2)
+    assert video.shape == (1, 17, 32, 32, 3)
+
+
+
+def test_shipped_reference_models_are_small_safetensors():
+    for name in SHIPPED:
+        total = sum(f.stat().st_size for f in ref.model_path(name).rglob("*") if f.is_file())
+        assert total < 15e6, f"{name} is {total / 1e6:.1f} MB; all reference models together must stay under ~40 MB"
+        assert list(ref.model_path(name).rglob("*.safetensors"))
+
+
+def test_unknown_or_missing_reference_model_says_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="unknown reference model 'ref-nope'.*ref-sd"):
+        load("ref-nope", device="cpu")
+    monkeypatch.setattr(ref, "MODELS_DIR", tmp_path)
+    with pytest.raises(ModelLoadError, match="train it with `python -m accel.pipelines.ref.train_sd`"):
+        load("ref-sd", device="cpu")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_loads_by_name_and_by_path_with_the_same_weights(name, ref_cache):
+    by_name = ref_cache(name)
+    by_path = load(str(ref.model_path(name)), device="cpu")
+    assert type(by_path) is type(by_name)
+    denoiser = "unet" if hasattr(by_name, "unet") else "transformer"
+    a, b = getattr(by_name, denoiser).state_dict(), getattr(by_path, denoiser).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif("ref-sd" not in SHIPPED, reason="ref-sd is not trained in this checkout")
+def test_ref_sd_same_seed_same_picture(ref_cache):
+    pipe = ref_cache("ref-sd")
+    prompt = ["a big red circle in the center on a gray background"]
+    first, again, other = _image_call(pipe, prompt, 3), _image_call(pipe, prompt, 3), _image_call(pipe, prompt, 4)
+    assert first.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+@pytest.mark.skipif("ref-sd" not in SHIPPED, reason="ref-sd is not trained in this checkout")
+def test_ref_sd_draws_the_asked_colour_and_shape(ref_cache):
+    scenes = shapes.held_out_scenes(8, n_shapes=1)
+    images = _image_call(ref_cache("ref-sd"), [s.prompt for s in scenes])
+    score = checker.score_images(images, scenes)
+    assert score["colour"] >= SD_FLOOR["colour"] and score["shape"] >= SD_FLOOR["shape"], score
+
+
+@pytest.mark.skipif("ref-video" not in SHIPPED, reason="ref-video is not trained in this checkout")
+def test_ref_video_same_seed_same_clip_and_moves_as_asked(ref_cache):
+    pipe = ref_cache("ref-video")
+    clips = shapes.held_out_clips(8)
+    videos = _video_call(pipe, [c.prompt for c in clips])
+    assert videos.shape == (8, 17, 32, 32, 3)
+    one = [clips[0].prompt]
+    np.testing.assert_array_equal(_video_call(pipe, one, steps=4), _video_call(pipe, one, steps=4))
+    score = checker.score_clips(videos, clips)
+    assert score["direction"] >= VIDEO_FLOOR["direction"], score
