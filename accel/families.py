@@ -221,8 +221,11 @@ class Adapter:
             if ".motion_modules." in f".{name}":
                 return "temporal"
             return "cross" if getattr(m, "is_cross_attention", leaf == "attn2") else "self"
-        if leaf == "attn2":
+        is_cross = getattr(m, "is_cross_attention", None)
+        if is_cross if is_cross is not None else leaf == "attn2":
             return "cross"
+        if leaf == "attn2":  # SD3.5's second, image-only attention in a joint block
+            return "self"
         if self.family.text_position is not None:
             return "joint"
         return "self"

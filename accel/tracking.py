@@ -8,7 +8,8 @@ asking:
   diffusers pipeline does, once, before its loop); a step ends at ``scheduler.step``;
 - the branch is the name the pipeline gives ``cache_context`` ("cond"/"uncond") when it
   calls the denoiser twice per step (Flux true-CFG, Wan), else ``batched`` when the pipeline
-  concatenates [uncond, cond] in one batch (``do_classifier_free_guidance``), else ``none``;
+  concatenates [uncond, cond] in one batch (``do_classifier_free_guidance``; CogVideoX and LTX
+  name that context "cond_uncond"), else ``none``;
 - the grid and text length come from the denoiser's own inputs, through the family adapter.
 
 Applied to a bare denoiser (no scheduler to watch), steps are told apart by the ``timestep``
@@ -44,6 +45,7 @@ class StepState:
     batch: int = 0
     timestep: float | None = None
     steps_by_component: dict = field(default_factory=dict)  # Wan 2.2 counts steps per transformer
+    branches: list = field(default_factory=list)  # CFG branches seen in this call, in first-seen order
 
 
 class StepTracker:
@@ -115,6 +117,7 @@ class StepTracker:
         s.call_in_step = 0
         s.timestep = None
         s.steps_by_component = {}
+        s.branches = []
         s.total_steps = len(scheduler.timesteps) if scheduler is not None and scheduler.timesteps is not None else None
         self._call_t0 = None
         self.timings = {"denoise_s": 0.0, "denoiser_forwards": 0}
@@ -149,12 +152,32 @@ class StepTracker:
         s.grid = adapter.grid(inputs)
         s.text_len = adapter.text_len(inputs)
         s.batch = adapter.batch_size(inputs)
-        if self._context_name is not None:
+        if self._context_name in ("cond", "uncond"):
             s.branch = self._context_name
-        elif self.pipe is not None and getattr(self.pipe, "do_classifier_free_guidance", False):
+        elif self._pipe_batches_cfg(adapter, inputs):
             s.branch = "batched"
         else:
             s.branch = "none"
+        if s.branch not in s.branches:
+            s.branches.append(s.branch)
+
+    def _pipe_batches_cfg(self, adapter: Adapter, inputs: dict) -> bool:
+        # Most pipelines expose the flag; CogVideoX keeps it in a local variable but stores the
+        # guidance scale, and guidance > 1 is exactly its condition for batching. PixArt keeps
+        # neither: there, a batch whose two halves hold the same latents is a CFG batch.
+        if self.pipe is None:
+            return False
+        flag = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if flag is not None:
+            return bool(flag)
+        scale = getattr(self.pipe, "_guidance_scale", None)
+        if scale is not None:
+            return float(scale) > 1.0
+        x = inputs.get("sample", inputs.get("hidden_states"))
+        if not isinstance(x, torch.Tensor) or x.shape[0] % 2:
+            return False
+        half = x.shape[0] // 2
+        return bool(torch.equal(x[:half], x[half:]))
 
     def _after_forward(self) -> None:
         self.state.call_in_step += 1
@@ -172,6 +195,7 @@ class StepTracker:
             "denoise_s": round(self.timings["denoise_s"], 6),
             "grid": list(s.grid),
             "steps_by_component": {k: v["steps"] for k, v in s.steps_by_component.items()},
+            "cfg_branches": list(s.branches),
         }
 
 

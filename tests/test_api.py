@@ -100,7 +100,13 @@ def test_apply_remove_restores_exactly(name, tiny_cache, probe_technique):
     accel.remove(pipe)  # removing twice is harmless
 
 
-@pytest.mark.parametrize("name", ["sd15", "wan22", "flux"])
+# How each tiny pipeline runs CFG, as the tracker must see it.
+CFG_BRANCHES = {"sd15": ["batched"], "sdxl": ["batched"], "animatediff": ["batched"], "sd3": ["batched"],
+                "pixart": ["batched"], "wan": ["cond", "uncond"], "wan22": ["cond", "uncond"], "flux": ["cond"],
+                "cogvideox": ["batched"], "ltx": ["batched"], "hunyuanvideo": ["cond", "uncond"]}
+
+
+@pytest.mark.parametrize("name", list(CFG_BRANCHES))
 def test_off_preset_bitwise_and_step_tracking(name, tiny_cache):
     pipe = tiny_cache(name)
     ref = run(pipe, name)
@@ -112,6 +118,7 @@ def test_off_preset_bitwise_and_step_tracking(name, tiny_cache):
     np.testing.assert_array_equal(out, ref)
     steps = tiny.example_inputs(name)["num_inference_steps"]
     assert st["steps"] == steps and st["calls"] == 1
+    assert st["cfg_branches"] == CFG_BRANCHES[name]
     assert st2["steps"] == 3 and st2["calls"] == 2
     if name == "wan22":  # two transformers share the steps and count their own
         by = st["steps_by_component"]
