@@ -163,7 +163,8 @@ def _parse_sets(sets: list[str]) -> dict:
     for s in sets:
         key, eq, value = s.partition("=")
         if not eq or key.count(".") != 1 or key.split(".")[0] not in _CONFIG_SECTIONS:
-            raise UsageError(f"--set {s!r}: write SECTION.FIELD=VALUE with SECTION one of {', '.join(_CONFIG_SECTIONS)}")
+            sections = ", ".join(_CONFIG_SECTIONS)
+            raise UsageError(f"--set {s!r}: write SECTION.FIELD=VALUE with SECTION one of {sections}")
         out[key] = yaml.safe_load(value) if value.strip() else ""
     return out
 
@@ -376,6 +377,7 @@ def _remove_stale_temporaries(out: Path, stems: set[str]) -> None:
 
 def _generate_all(todo, s: Settings, rank, run, writer, signals, tally, bar, pipe) -> None:
     import accel
+
     from ..pipelines.call import family_name, is_video
     from ..pipelines.load import default_device, load
 
@@ -433,6 +435,7 @@ def _generate_one(job: Job, ctx: _Context, signals, writer, run, rank) -> dict:
     import numpy as np
 
     import accel
+
     from ..pipelines.call import call_kwargs, to_frames
     from . import generation, outputs
 

@@ -63,8 +63,8 @@ def _parse_lines(data: bytes, where: str, warn: bool) -> list[dict]:
         except ValueError:
             if warn:
                 torn = n == len(lines)  # no newline after it: cut short by a kill
-                print(f"accel: warning: {where} line {n}: {'torn last line (ignored)' if torn else 'not a record (ignored)'}",
-                      file=sys.stderr)
+                what = "torn last line (ignored)" if torn else "not a record (ignored)"
+                print(f"accel: warning: {where} line {n}: {what}", file=sys.stderr)
             continue
         out.append(rec)
     return out

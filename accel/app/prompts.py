@@ -150,7 +150,7 @@ def _csv(text: str, problems) -> list[tuple[int, dict]]:
             if len(cells) != len(header):
                 problems.append((line, f"{len(cells)} cells but the header has {len(header)} columns"))
                 continue
-            out.append((line, {k: v for k, v in zip(header, cells) if v.strip() != "" or k == "prompt"}))
+            out.append((line, {k: v for k, v in zip(header, cells, strict=True) if v.strip() != "" or k == "prompt"}))
     except csv.Error as e:
         problems.append((reader.line_num, f"not valid CSV ({e})"))
     return out

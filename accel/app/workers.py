@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -115,6 +114,7 @@ class Signals:
     def __init__(self):
         self._depth = 0
         self._pending = None
+        self._fired = False
         self._old = {}
 
     def __enter__(self):
@@ -127,6 +127,11 @@ class Signals:
             signal.signal(s, h)
 
     def _handle(self, signum, frame):
+        # Only the first signal counts: a second one (Ctrl-C reaches a whole process group, and
+        # `--gpus` forwards it too) must not cut the clean-up of the first short.
+        if self._fired:
+            return
+        self._fired = True
         if self._depth:
             self._pending = signum
         else:
@@ -162,12 +167,6 @@ def folder_lock(folder: Path, rank: int):
         f.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(n: int, argv: list[str]) -> int:
     """Run ``python -m accel <argv>`` as ranks 0..n-1 of one group on this machine; their combined status.
 
@@ -178,7 +177,9 @@ def spawn(n: int, argv: list[str]) -> int:
 
     import torch
 
-    port = _free_port()
+    from ..parallel.runtime import free_port
+
+    port = free_port()
     cpu_threads = None
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         cpu_threads = str(max(1, (os.cpu_count() or 1) // n))

@@ -64,4 +64,4 @@ def _wrap(cls) -> None:
                 auto.after_call(self)
 
     setattr(__call__, _MARK, True)
-    setattr(cls, "__call__", __call__)
+    cls.__call__ = __call__
