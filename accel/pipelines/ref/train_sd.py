@@ -1,12 +1,16 @@
 """Train ``ref-sd``: a small StableDiffusionPipeline (64 px) on procedural shapes.
 
-    nice -n 19 python -m accel.pipelines.ref.train_sd   # about 5 CPU-minutes
+    nice -n 19 python -m accel.pipelines.ref.train_sd [--unet-steps N]
 
-Reproducible from ``--seed``: the VAE first (reconstruction + a small KL term), then the UNet and
-the text encoder together (epsilon prediction, 10% empty prompts for classifier-free guidance, EMA
-weights), on a pool of rendered scenes whose prompts are never held out. Prints the losses and, at
-the end, the attribute checker's colour and shape accuracy on held-out prompts, and writes both to
-``training.json`` beside the weights.
+Reproducible from ``--seed``: the VAE first (reconstruction, with three latent channels anchored
+to the 4x-downsampled picture), then the UNet and the text encoder together (epsilon prediction,
+10% empty prompts for classifier-free guidance, EMA weights), on a pool of rendered scenes whose
+prompts are never held out. Prints the losses and, at the end, the attribute checker's colour and
+shape accuracy on held-out prompts, and writes both to ``training.json`` beside the weights.
+
+Measured (BENCHMARKS.md, "Reference models"): the defaults (500 UNet steps, ~13 min on a busy
+shared core) give a good autoencoder but a UNet that has learned backgrounds and not yet objects;
+the denoiser needs several thousand steps.
 """
 
 from __future__ import annotations
