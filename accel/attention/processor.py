@@ -14,27 +14,11 @@ from __future__ import annotations
 import functools
 import math
 
-import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
-
 from ..families import Adapter, AttentionSite
+from ..sdpa_route import SDPA, RouteSDPA
 from .sparse import SparseAttention
 
-_SDPA = F.scaled_dot_product_attention
 SPARSE_ROLES = ("self", "joint", "temporal")
-
-
-class _RouteSDPA(TorchFunctionMode):
-    def __init__(self, handler):
-        super().__init__()
-        self.handler = handler
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _SDPA:
-            return self.handler(*args, **kwargs)
-        return func(*args, **kwargs)
 
 
 class SparseProcessor:
@@ -59,7 +43,7 @@ class SparseProcessor:
         if self.rank < cfg.dense_layers or self.tracker.state.step < cfg.dense_steps:
             self.engine.counts["dense_calls"] += 1
             return self.original(attn, *args, **kwargs)
-        with _RouteSDPA(self._attention):
+        with RouteSDPA(self._attention):
             return self.original(attn, *args, **kwargs)
 
     def _placement(self, n: int):
@@ -84,7 +68,7 @@ class SparseProcessor:
 
     def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False):
-        dense = functools.partial(_SDPA, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+        dense = functools.partial(SDPA, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         same = query.ndim == 4 and key.shape == query.shape and value.shape == query.shape
         place = self._placement(query.shape[-2]) if same and attn_mask is None and not is_causal \

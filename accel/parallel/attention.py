@@ -23,30 +23,11 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
+from ..sdpa_route import SDPA, RouteSDPA
 from .context import Groups, LoopState
 from .runtime import _guard
 from .sharding import pad_to
-
-_SDPA = F.scaled_dot_product_attention
-
-
-class _Intercept(TorchFunctionMode):
-    def __init__(self, proc):
-        super().__init__()
-        self.proc = proc
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _SDPA:
-            args = list(args)
-            for name in ("query", "key", "value"):  # diffusers' dispatcher passes these by name
-                if name in kwargs:
-                    args.append(kwargs.pop(name))
-            return self.proc.attend(*args, **kwargs)
-        return func(*args, **kwargs)
 
 
 class _Layout:
@@ -75,7 +56,7 @@ class ParallelProcessor:
         self.stats = stats
 
     def __call__(self, attn, *args, **kwargs):
-        with _Intercept(self):
+        with RouteSDPA(self.attend):
             return self.original(attn, *args, **kwargs)
 
     def __getattr__(self, name):  # diffusers reads processor attributes (_attention_backend, ...)
@@ -133,7 +114,7 @@ class Ulysses(ParallelProcessor):
         if lay.t:
             full = torch.cat([lay.join(qkv[i][:, r * hp:(r + 1) * hp, lay.text], full[i]).unsqueeze(0)
                               for i in range(3)])
-        out = _SDPA(full[0], full[1], full[2], **kw)  # (B, H/P, T + N, D)
+        out = SDPA(full[0], full[1], full[2], **kw)  # (B, H/P, T + N, D)
         if lay.t:
             text_out = out[:, :, :lay.t] if lay.first else out[:, :, out.shape[2] - lay.t:]
             img_out = out[:, :, lay.t:] if lay.first else out[:, :, :out.shape[2] - lay.t]
@@ -197,4 +178,4 @@ class DisplacedKV(ParallelProcessor):
         full = torch.cat(trimmed, dim=3)
         k_all = lay.join(k[:, :, lay.text], full[0])
         v_all = lay.join(v[:, :, lay.text], full[1])
-        return _SDPA(q, k_all, v_all, **kw)
+        return SDPA(q, k_all, v_all, **kw)

@@ -15,16 +15,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import ModelHook
-from torch.overrides import TorchFunctionMode
 
 from ..families import block_io
+from ..sdpa_route import SDPA, RouteSDPA
 from . import blockio, matching
 from .state import TokenState
 
 HOOK_NAME = "accel.tokens"
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def _hidden(args, kwargs):
@@ -107,7 +105,7 @@ class SelfAttentionFlag(ModelHook):
             self.ts.in_self_attention = previous
 
 
-class PoolKV(TorchFunctionMode):
+class PoolKV:
     """Inside a self/joint attention: SDPA gets keys/values pooled over the merge's windows.
 
     Keys arrive projected, normalised and rotated (rotary embeddings applied per position), so a
@@ -118,25 +116,19 @@ class PoolKV(TorchFunctionMode):
     """
 
     def __init__(self, ts: TokenState, m: matching.Merge, n: int):
-        super().__init__()
         self.ts, self.m, self.n = ts, m, n
         self.calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention or not self.ts.in_self_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(_SDPA_ARGS, args), **kwargs)
-        k, v = call["key"], call["value"]
-        pooled = self._pool(k), self._pool(v)
+    def attend(self, query, key, value, **rest):
+        """SDPA's signature (a `RouteSDPA` handler): pooled keys/values inside self/joint attention."""
+        pooled = (self._pool(key), self._pool(value)) if self.ts.in_self_attention else (None, None)
         if pooled[0] is None:
-            return func(*args, **kwargs)
-        call["key"], call["value"] = pooled
-        mask = call.get("attn_mask")
-        if isinstance(mask, torch.Tensor) and mask.shape[-1] == k.shape[-2]:
-            call["attn_mask"] = self._columns(mask)
+            return SDPA(query, key, value, **rest)
+        mask = rest.get("attn_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape[-1] == key.shape[-2]:
+            rest["attn_mask"] = self._columns(mask)
         self.calls += 1
-        return func(**call)
+        return SDPA(query, *pooled, **rest)
 
     def _split(self, length):
         text_len, where = self.ts.text()
@@ -193,7 +185,7 @@ class DiTBlockHook(ModelHook):
         if method == "kv_downsample":
             m = ts.merge_for(x, grid, "pool", int(n * ratio), shared=True)
             ts.record(self.name, n, m.removed)
-            with PoolKV(ts, m, n):
+            with RouteSDPA(PoolKV(ts, m, n).attend):
                 return original(*args, **kwargs)
         m = ts.merge_for(x, grid, "bipartite", int(n * ratio), shared=True)
         ts.record(self.name, n, m.removed)
