@@ -189,6 +189,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval", type=int, default=60, help="held-out prompts scored at the end")
     ap.add_argument("--out", type=Path, default=C.MODELS_DIR / "ref-sd")
+    ap.add_argument("--resume", type=Path, help="a saved ref-sd folder: keep its VAE, train its UNet + text encoder on")
     args = ap.parse_args(argv)
     from diffusers import StableDiffusionPipeline
 
@@ -196,12 +197,18 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
     tok = C.word_tokenizer()
-    vae, text_encoder, unet = build_vae(), build_text_encoder(tok), build_unet()
-    vae_loss = train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=2e-3)
+    if args.resume:
+        old = StableDiffusionPipeline.from_pretrained(args.resume)
+        vae, text_encoder, unet, vae_loss = old.vae.eval(), old.text_encoder, old.unet, None
+        pool = latent_pool(vae, rng, args.pool)
+        scale = vae.config.scaling_factor
+    else:
+        vae, text_encoder, unet = build_vae(), build_text_encoder(tok), build_unet()
+        vae_loss = train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=2e-3)
+        pool = latent_pool(vae, rng, args.pool)
+        scale = float(1.0 / pool[0].std())
+        vae.register_to_config(scaling_factor=scale)
     t_vae = time.time() - t0
-    pool = latent_pool(vae, rng, args.pool)
-    scale = float(1.0 / pool[0].std())
-    vae.register_to_config(scaling_factor=scale)
     print(f"latent pool {len(pool[2])} scenes, scaling_factor {scale:.4f} ({time.time() - t0:.0f}s)", flush=True)
     unet_loss = train_unet(unet, text_encoder, tok, pool, scale, args.unet_steps, args.batch, 2e-3, args.seed)
     t_train = time.time() - t0
@@ -213,7 +220,8 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
     scores = evaluate(pipe, args.eval) if args.eval else {}
-    record = {"seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
+    record = {"seed": args.seed, "resumed_from": str(args.resume) if args.resume else None,
+              "vae_steps": 0 if args.resume else args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
               "pool": args.pool, "vae_loss": vae_loss, "unet_loss": unet_loss, "vae_seconds": round(t_vae),
               "train_seconds": round(t_train), "held_out": scores, "eval": "20 steps, guidance 5.0, seed 0"}
     C.write_record(args.out, record)
