@@ -17,7 +17,7 @@ from .attention.config import PRESETS as _ATTENTION_PRESETS
 from .attention.config import AttentionConfig
 from .cache.config import PRESETS as _CACHE_PRESETS
 from .cache.config import CacheConfig
-from .config_base import ConfigBase, ConfigError, spec
+from .config_base import FILE_FORMATS, ConfigBase, ConfigError, read_mapping, spec
 from .tokens.config import PRESETS as _TOKEN_PRESETS
 from .tokens.config import TokenConfig
 
@@ -86,27 +86,13 @@ class Config(ConfigBase):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Config":
-        path = Path(path)
-        fmt = _format_of(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
-        try:
-            return {"json": cls.from_json, "yaml": cls.from_yaml, "toml": cls.from_toml}[fmt](text)
-        except ConfigError:
-            raise
-        except Exception as e:  # a parser's own error: say which file and keep its message
-            raise ConfigError(f"{path}: not valid {fmt.upper()}: {e}") from None
+        return cls.from_dict(read_mapping(path))
 
 
 def _format_of(path: Path) -> str:
-    suffix = path.suffix.lower()
-    fmt = {".json": "json", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml"}.get(suffix)
-    if fmt is None:
-        raise ConfigError(f"config file {str(path)!r}: unknown format {suffix or '(no suffix)'!r}; "
-                          "use .json, .yaml, .yml or .toml")
-    return fmt
+    if path.suffix.lower() not in FILE_FORMATS:
+        read_mapping(path)  # raises the unknown-format error, worded once
+    return FILE_FORMATS[path.suffix.lower()]
 
 
 def available_presets() -> tuple[str, ...]:
@@ -145,8 +131,7 @@ def resolve(config: Any, family: str | None = None) -> Config:
         return Config.from_dict({config.section: config})
     if isinstance(config, dict):
         return Config.from_dict(config)
-    if isinstance(config, os.PathLike) or (isinstance(config, str) and Path(config).suffix.lower()
-                                          in (".json", ".yaml", ".yml", ".toml")):
+    if isinstance(config, os.PathLike) or (isinstance(config, str) and Path(config).suffix.lower() in FILE_FORMATS):
         return Config.load(config)
     if isinstance(config, str):
         return preset(config, family)

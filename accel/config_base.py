@@ -93,6 +93,39 @@ def _coerce(tp, value, where: str):
     raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
 
 
+FILE_FORMATS = {".json": "json", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml"}
+
+
+def read_mapping(path, what: str = "config file") -> dict:
+    """The top-level mapping of a .json/.yaml/.yml/.toml file; ConfigError naming the file otherwise."""
+    from pathlib import Path
+
+    path = Path(path)
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"{what} {str(path)!r}: unknown format {path.suffix or '(no suffix)'!r}; "
+                          "use .json, .yaml, .yml or .toml")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+    try:
+        if fmt == "toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:  # JSON is YAML
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # the parser's own message, with the file named
+        raise ConfigError(f"{what} {str(path)!r}: not valid {fmt.upper()}: {str(e).strip().splitlines()[0]}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r}: expected a mapping at the top, got {type(data).__name__}")
+    return data
+
+
 class ConfigBase:
     """Validation, dict round-trip and copy-with-changes for dataclass configs."""
 

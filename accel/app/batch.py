@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config_base import ConfigError, read_mapping
 from . import manifest as mf
 from .cli import UsageError, _float, _int, _positive_int
 from .prompts import PromptFileError, Row, read_rows, stem
@@ -112,29 +113,14 @@ def settings_from_args(args) -> Settings:
     return Settings(values, sections)
 
 
-def _parse_mapping(suffix: str, text: str):
-    if suffix == ".toml":
-        import tomllib
-
-        return tomllib.loads(text)
-    import yaml  # JSON is YAML
-
-    return yaml.safe_load(text) or {}
-
-
 def _read_config_file(path) -> tuple[dict, dict]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {str(path)!r}: no such file")
-    suffix = p.suffix.lower()
-    if suffix not in (".json", ".yaml", ".yml", ".toml"):
-        raise UsageError(f"--config {str(path)!r}: use a .yaml, .toml or .json file")
     try:
-        data = _parse_mapping(suffix, p.read_text())
-    except Exception as e:
-        raise UsageError(f"--config {str(path)!r}: not valid {suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {str(path)!r}: expected a mapping of sections at the top")
+        data = read_mapping(p)
+    except ConfigError as e:
+        raise UsageError(f"--config: {e}") from None
     unknown = [k for k in data if k not in (*_CONFIG_SECTIONS, "batch")]
     if unknown:
         raise UsageError(f"--config {str(path)!r}: unknown section {unknown[0]!r}; sections are "

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..config_base import ConfigBase, ConfigError, spec
+from ..config_base import ConfigBase, read_mapping, spec
 
 
 class LimitError(ValueError):
@@ -35,26 +34,7 @@ class Limits(ConfigBase):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Limits":
         """A limits file: the fields above at the top level, or under a ``limits`` key."""
-        import json
-
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read limits file {str(path)!r}: {e.strerror or e}") from None
-        suffix = path.suffix.lower()
-        if suffix == ".json":
-            data = json.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            raise ConfigError(f"limits file {str(path)!r}: use .json, .yaml or .toml")
+        data = read_mapping(path, "limits file")
         if isinstance(data, dict) and isinstance(data.get("limits"), dict):
             data = data["limits"]
         return cls.from_dict(data)
