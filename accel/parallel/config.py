@@ -54,7 +54,6 @@ class ParallelConfig(ConfigBase):
                                     help="PCPP: fraction of other patches' K/V tokens used in async steps")
     clip: int = spec(1, min=1, help="clip parallel degree for video (not implemented yet; keep 1)")
     vae: bool = spec(False, help="decode latent tiles across all ranks")
-    vae_overlap: int = spec(4, min=0, help="latent rows/columns of overlap between VAE tiles, blended")
     backend: str = spec("auto", choices=("auto", "nccl", "gloo"), help="auto: nccl on CUDA, gloo on CPU")
     timeout_s: float = spec(300.0, min=1.0, help="collective timeout in seconds")
 
