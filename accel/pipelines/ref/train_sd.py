@@ -130,16 +130,8 @@ def train_unet(unet, text_encoder, tok, pool, scale: float, steps: int, batch: i
     ids = tokenize(tok, prompts)
     empty = tokenize(tok, [""])[0]
     sched = noise_schedule()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ema_unet, ema_text = C.EMA(unet), C.EMA(text_encoder)
-    g = torch.Generator().manual_seed(seed)
-    log, last = C.Log(), 0.0
-    unet.train()
-    text_encoder.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = C.cosine_lr(step, steps, lr)
+
+    def loss_fn(g):
         idx = torch.randint(len(means), (batch,), generator=g)
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
         b_ids = ids[idx].clone()
@@ -148,20 +140,9 @@ def train_unet(unet, text_encoder, tok, pool, scale: float, steps: int, batch: i
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         noise = torch.randn(z.shape, generator=g)
         pred = unet(sched.add_noise(z, noise, t), t, cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_unet.update(unet)
-        ema_text.update(text_encoder)
-        last = float(loss)
-        log("unet", step, steps, last)
-    ema_unet.copy_to(unet)
-    ema_text.copy_to(text_encoder)
-    unet.eval()
-    text_encoder.eval()
-    return last
+        return F.mse_loss(pred, noise)
+
+    return C.fit([unet, text_encoder], loss_fn, steps, lr, seed, "unet")
 
 
 @torch.no_grad()

@@ -126,16 +126,8 @@ def encode_text(text_encoder, tok, prompts, length: int) -> torch.Tensor:
 def train_transformer(transformer, text_encoder, tok, pool, steps: int, batch: int, lr: float, seed: int,
                       shift: float = 3.0) -> float:
     means, stds, prompts = pool
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ema_t, ema_text = C.EMA(transformer), C.EMA(text_encoder)
-    g = torch.Generator().manual_seed(seed)
-    log, last = C.Log(), 0.0
-    transformer.train()
-    text_encoder.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = C.cosine_lr(step, steps, lr)
+
+    def loss_fn(g):
         idx = torch.randint(len(means), (batch,), generator=g)
         x0 = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)
         texts = ["" if float(torch.rand((), generator=g)) < 0.1 else prompts[i] for i in idx.tolist()]
@@ -148,20 +140,9 @@ def train_transformer(transformer, text_encoder, tok, pool, steps: int, batch: i
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         pred = transformer(xt, sigma * 1000, cond).sample
-        loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_t.update(transformer)
-        ema_text.update(text_encoder)
-        last = loss.item()
-        log("transformer", step, steps, last)
-    ema_t.copy_to(transformer)
-    ema_text.copy_to(text_encoder)
-    transformer.eval()
-    text_encoder.eval()
-    return last
+        return F.mse_loss(pred, noise - x0)
+
+    return C.fit([transformer, text_encoder], loss_fn, steps, lr, seed, "transformer")
 
 
 @torch.no_grad()
