@@ -24,7 +24,7 @@ from diffusers.hooks import ModelHook
 
 from ..config_base import ConfigError
 from ..families import Adapter, bind_inputs, block_io
-from .state import Streams, fingerprint, fixed_schedule_reuses, relative_l1, settle, state_key
+from .state import BeginForwardHook, Streams, fingerprint, fixed_schedule_reuses, relative_l1, settle, state_key
 
 HOOK_DENOISER = "accel.cache.block.denoiser"
 HOOK_PROBE_START = "accel.cache.block.probe_start"
@@ -56,7 +56,7 @@ class BlockCache:
         self.current = None  # (key, StreamState) of the forward in flight
 
     def install(self, ledger) -> None:
-        ledger.add_hook(self.adapter.module, _DenoiserHook(self), HOOK_DENOISER)
+        ledger.add_hook(self.adapter.module, BeginForwardHook(self), HOOK_DENOISER)
         if self.cfg.threshold > 0:
             ledger.add_hook(self.first[0][1], _ProbeStart(self), HOOK_PROBE_START)
         ledger.add_hook(self.first[-1][1], _ProbeEnd(self), HOOK_PROBE_END)
@@ -126,16 +126,6 @@ class BlockCache:
                 r = r + factors[2] * (dt * dt / 2)
             out.append(r)
         return tuple(out)
-
-
-class _DenoiserHook(ModelHook):
-    def __init__(self, cache: BlockCache):
-        super().__init__()
-        self.cache = cache
-
-    def pre_forward(self, module, *args, **kwargs):
-        self.cache.begin_forward()
-        return args, kwargs
 
 
 class _ProbeStart(ModelHook):

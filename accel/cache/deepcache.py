@@ -25,7 +25,7 @@ from diffusers.hooks import ModelHook
 
 from ..config_base import ConfigError
 from ..families import Adapter
-from .state import Streams, fixed_schedule_reuses, settle, state_key
+from .state import BeginForwardHook, Streams, fixed_schedule_reuses, settle, state_key
 
 HOOK_DENOISER = "accel.cache.deepcache.denoiser"
 HOOK_DEEP = "accel.cache.deepcache.deep"
@@ -97,7 +97,7 @@ class DeepCache:
         self.current = None
 
     def install(self, ledger) -> None:
-        ledger.add_hook(self.adapter.module, _DenoiserHook(self), HOOK_DENOISER)
+        ledger.add_hook(self.adapter.module, BeginForwardHook(self), HOOK_DENOISER)
         for m in self.interior:
             ledger.add_hook(m, _InteriorHook(self, feeder=m is self.feeder), HOOK_DEEP)
 
@@ -109,16 +109,6 @@ class DeepCache:
         self.streams.count(self.part, key, reuse)
         self.streams.record(key, st.step, "reuse" if reuse else "full")
         self.current = (key, st)
-
-
-class _DenoiserHook(ModelHook):
-    def __init__(self, cache: DeepCache):
-        super().__init__()
-        self.cache = cache
-
-    def pre_forward(self, module, *args, **kwargs):
-        self.cache.begin_forward()
-        return args, kwargs
 
 
 class _InteriorHook(ModelHook):

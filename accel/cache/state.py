@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.hooks import ModelHook
 
 from ..tracking import StepState
 
@@ -146,3 +147,15 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     num = (now - before).abs().reshape(b, -1).float().mean(dim=1)
     den = before.abs().reshape(b, -1).float().mean(dim=1).clamp_min(1e-12)
     return (num / den).max()
+
+
+class BeginForwardHook(ModelHook):
+    """On the denoiser: tells a cache (anything with ``begin_forward()``) that a forward starts."""
+
+    def __init__(self, cache):
+        super().__init__()
+        self.cache = cache
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.cache.begin_forward()
+        return args, kwargs
