@@ -20,7 +20,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -242,7 +241,9 @@ class Engine:
                          "seconds": round(seconds, 4)})
         if cancel.is_set():
             raise Stopped(f"stopped after {done[0]} of {total} steps")
-        return _all_frames(out), seconds, kw
+        from ..pipelines.call import all_frames
+
+        return all_frames(out), seconds, kw
 
     def _use_model(self, worker: Worker, model: str) -> None:
         if model == worker.model:
@@ -294,15 +295,6 @@ def _off():
     from ..config import Config
 
     return Config()
-
-
-def _all_frames(output) -> list[np.ndarray]:
-    """Every result of a pipeline output, each (H, W, 3) or (F, H, W, 3) float32 in [0, 1]."""
-    from ..pipelines.call import to_frames
-
-    attr = "frames" if hasattr(output, "frames") else "images"
-    items = getattr(output, attr)
-    return [to_frames(SimpleNamespace(**{attr: items[i:i + 1]})) for i in range(len(items))]
 
 
 def _number(name: str, value, minimum: float = 0, maximum: float | None = None, whole: bool = False):

@@ -43,20 +43,25 @@ def call_kwargs(pipe, *, prompt: str, negative_prompt: str | None = None, steps:
     return kw
 
 
-def to_frames(output) -> np.ndarray:
-    """The first result of a pipeline output as float32 in [0, 1]: (H, W, 3) or (F, H, W, 3)."""
+def all_frames(output) -> list[np.ndarray]:
+    """Every result of a pipeline output, each float32 in [0, 1]: (H, W, 3) or (F, H, W, 3)."""
     if hasattr(output, "frames"):
-        x = output.frames
+        items = output.frames
     elif hasattr(output, "images"):
-        x = output.images
+        items = output.images
     else:
-        x = output[0] if isinstance(output, (tuple, list)) else output
-    if isinstance(x, list):
-        x = x[0]
-        if isinstance(x, list):  # list of PIL frames
-            x = np.stack([np.asarray(f) for f in x])
-    else:
-        x = x[0]
+        items = output[0] if isinstance(output, (tuple, list)) else output
+    return [_as_float_frames(x) for x in items]
+
+
+def to_frames(output) -> np.ndarray:
+    """The first result of a pipeline output (see `all_frames`)."""
+    return all_frames(output)[0]
+
+
+def _as_float_frames(x) -> np.ndarray:
+    if isinstance(x, list):  # a video as a list of PIL frames
+        x = np.stack([np.asarray(f) for f in x])
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
     x = np.asarray(x)
