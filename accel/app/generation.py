@@ -27,8 +27,11 @@ def versions() -> dict:
 
 
 def sidecar(pipe, *, output: str, model: str, family: str, prompt: str, negative_prompt, seed: int, kw: dict,
-            preset, config, timings: dict) -> dict:
-    """The JSON written next to every output: what made it (model, prompt, seed, call, config) and how fast."""
+            preset, config, timings: dict, stats: dict | None = None) -> dict:
+    """The JSON written next to every output: what made it (model, prompt, seed, call, config) and how fast.
+
+    ``stats`` defaults to `accel.stats` of the pipeline's last call; a caller that made the output
+    some other way (the web app's baseline, run with accel removed) passes its own."""
     import accel
 
     denoiser = next(iter(pipe.components[n] for n in ("unet", "transformer") if n in pipe.components))
@@ -38,6 +41,6 @@ def sidecar(pipe, *, output: str, model: str, family: str, prompt: str, negative
         "call": {k: v for k, v in kw.items() if k not in ("generator", "prompt", "negative_prompt")},
         "preset": preset, "config": config.to_dict(),
         "timings": {k: round(v, 4) for k, v in timings.items()},
-        "stats": accel.stats(pipe), "versions": versions(), "device": str(pipe.device),
+        "stats": accel.stats(pipe) if stats is None else stats, "versions": versions(), "device": str(pipe.device),
         "dtype": str(denoiser.dtype),
     }

@@ -280,10 +280,9 @@ class Engine:
                 record = sidecar(worker.pipe, output=path.name, model=worker.model, family=worker.family,
                                  prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, kw=kw,
                                  preset=None, config=config if not label else _off(),
-                                 timings={"generate_s": result.seconds["baseline" if label else "accelerated"]})
+                                 timings={"generate_s": result.seconds["baseline" if label else "accelerated"]},
+                                 stats={"applied": False} if label else None)
                 record.update(extra, batch_index=i, fps=req.fps if worker.video else None)
-                if label:
-                    record["stats"] = {"applied": False}
                 outputs.write_json(outputs.sidecar_path(path), record)
                 dest.append(path)
                 result.sidecars.append(outputs.sidecar_path(path))
