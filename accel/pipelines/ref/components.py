@@ -70,13 +70,15 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))))
 
 
-def fit(models: list, loss_fn, steps: int, lr: float, seed: int, tag: str) -> float:
-    """The training loop both reference scripts share: AdamW over ``models`` with a cosine schedule,
-    gradient clipping and an EMA copied back at the end; ``loss_fn(g)`` draws its batch from the
-    seeded generator ``g`` and returns the loss. Returns the last loss; models end in eval mode."""
+def fit(models: list, loss_fn, steps: int, lr: float, seed: int, tag: str, *, weight_decay: float = 0.01,
+        ema: bool = True) -> float:
+    """The training loop the reference scripts share: AdamW over ``models`` with a cosine schedule,
+    gradient clipping and (``ema``) an EMA copied back at the end; ``loss_fn(g)`` draws its batch
+    (from the seeded generator ``g`` where it wants one) and returns the loss. Returns the last
+    loss; models end in eval mode."""
     params = [p for m in models for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    emas = [EMA(m) for m in models]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    emas = [EMA(m) for m in models] if ema else []
     g = torch.Generator().manual_seed(seed)
     log, last = Log(), 0.0
     for m in models:
@@ -89,12 +91,13 @@ def fit(models: list, loss_fn, steps: int, lr: float, seed: int, tag: str) -> fl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        for ema, m in zip(emas, models, strict=True):
-            ema.update(m)
+        for e, m in zip(emas, models, strict=False):
+            e.update(m)
         last = loss.item()
         log(tag, step, steps, last)
-    for ema, m in zip(emas, models, strict=True):
-        ema.copy_to(m)
+    for e, m in zip(emas, models, strict=False):
+        e.copy_to(m)
+    for m in models:
         m.eval()
     return last
 

@@ -83,12 +83,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(vae, rng, steps: int, batch: int, lr: float) -> float:
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    log, last = C.Log(), 0.0
-    vae.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = C.cosine_lr(step, steps, lr, warmup=50)
+    def loss_fn(g):
         x = to_tensor(shapes.image_batch(rng, batch, SIZE)[0])
         mean = vae.encode(x).latent_dist.mean
         rec = vae.decode(mean + LATENT_NOISE * torch.randn_like(mean)).sample
@@ -96,15 +91,9 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float) -> float:
         # few hundred steps, colour and place are plain in the latent (easy for the denoiser), and
         # the decoder only has to sharpen. The fourth channel is free (edges, shape detail).
         anchor = F.mse_loss(mean[:, :3], F.avg_pool2d(x, 4))
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + anchor
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        last = float(loss)
-        log("vae", step, steps, last)
-    vae.eval()
-    return last
+        return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + anchor
+
+    return C.fit([vae], loss_fn, steps, lr, 0, "vae", weight_decay=0.0, ema=False)
 
 
 @torch.no_grad()

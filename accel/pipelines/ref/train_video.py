@@ -82,26 +82,15 @@ def clip_batch(rng, n: int, window: int | None = None):
 
 
 def train_vae(vae, rng, steps: int, batch: int, lr: float) -> float:
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    log, last = C.Log(), 0.0
-    vae.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = C.cosine_lr(step, steps, lr)
+    def loss_fn(g):
         x = to_video_tensor(clip_batch(rng, batch, window=5)[0])
         # The posterior mean plus a little fixed noise: a few hundred steps do not shrink the
         # posterior's own std (it starts at 1), and latents that are mostly noise are hard to model.
         mean = vae.encode(x).latent_dist.mean
         rec = vae.decode(mean + LATENT_NOISE * torch.randn_like(mean)).sample
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * mean.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        last = loss.item()
-        log("vae", step, steps, last)
-    vae.eval()
-    return last
+        return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * mean.pow(2).mean()
+
+    return C.fit([vae], loss_fn, steps, lr, 0, "vae", weight_decay=0.0, ema=False)
 
 
 @torch.no_grad()
