@@ -57,6 +57,7 @@ class StepTracker:
         self._listeners: list[Callable[[StepState], None]] = []
         self._context_name: str | None = None
         self._watching_scheduler = False
+        self._scheduler = self._ledger = None
         self._call_t0 = None
         self.timings = {"denoise_s": 0.0, "denoiser_forwards": 0}
 
@@ -70,30 +71,36 @@ class StepTracker:
 
     # --- attachment ---------------------------------------------------------------------------
     def attach(self, adapters: list[Adapter], ledger: Ledger) -> None:
+        self._ledger = ledger
         scheduler = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
         if scheduler is not None and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step"):
             self._watching_scheduler = True
-
-            def make_set_timesteps(original):
-                def set_timesteps(*args, **kwargs):
-                    out = original(*args, **kwargs)
-                    self._start_call(scheduler)
-                    return out
-                return set_timesteps
-
-            def make_step(original):
-                def step(*args, **kwargs):
-                    out = original(*args, **kwargs)
-                    self._end_step()
-                    return out
-                return step
-
-            ledger.wrap_method(scheduler, "set_timesteps", make_set_timesteps)
-            ledger.wrap_method(scheduler, "step", make_step)
+            self._watch(scheduler)
         for adapter in adapters:
             ledger.add_hook(adapter.module, _TrackerHook(self, adapter), HOOK_NAME)
             if hasattr(adapter.module, "cache_context"):
                 ledger.wrap_method(adapter.module, "cache_context", self._make_cache_context)
+
+    def _watch(self, scheduler) -> None:
+        """Wrap ``scheduler``'s ``set_timesteps`` (a call starts) and ``step`` (a step ends)."""
+        self._scheduler = scheduler
+
+        def make_set_timesteps(original):
+            def set_timesteps(*args, **kwargs):
+                out = original(*args, **kwargs)
+                self._start_call(scheduler)
+                return out
+            return set_timesteps
+
+        def make_step(original):
+            def step(*args, **kwargs):
+                out = original(*args, **kwargs)
+                self._end_step()
+                return out
+            return step
+
+        self._ledger.wrap_method(scheduler, "set_timesteps", make_set_timesteps)
+        self._ledger.wrap_method(scheduler, "step", make_step)
 
     def _make_cache_context(self, original):
         import contextlib
@@ -139,8 +146,13 @@ class StepTracker:
                 self._start_call()
             elif t is not None and s.timestep is not None and t != s.timestep:
                 self._end_step()
+        elif getattr(self.pipe, "scheduler", None) is not self._scheduler:
+            # The user swapped the scheduler after `apply` (``pipe.scheduler = X.from_config(...)``):
+            # this call's set_timesteps went unseen. Watch the new one; this forward starts a call.
+            self._watch(self.pipe.scheduler)
+            self._start_call(self._scheduler)
         elif s.call == 0:  # the pipeline set its timesteps before we were applied
-            self._start_call(getattr(self.pipe, "scheduler", None))
+            self._start_call(self._scheduler)
         if self._call_t0 is None:
             self._call_t0 = time.perf_counter()
         s.timestep = t

@@ -126,6 +126,33 @@ def test_off_preset_bitwise_and_step_tracking(name, tiny_cache):
     assert not accel.is_applied(pipe)
 
 
+def test_scheduler_swapped_after_apply_is_tracked(tiny_cache):
+    # Users often set `pipe.scheduler = X.from_config(...)` after accelerating: the new scheduler's
+    # calls and steps must still be seen, or a step cache would carry state across calls.
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny_cache("sd15")
+    original = pipe.scheduler
+    steps = tiny.example_inputs("sd15")["num_inference_steps"]
+    try:
+        accel.apply(pipe, "fast")
+        run(pipe, "sd15")
+        swapped = pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
+        first, again = run(pipe, "sd15"), run(pipe, "sd15")
+        st = accel.stats(pipe)
+        accel.remove(pipe)
+        assert "step" not in swapped.__dict__ and "set_timesteps" not in swapped.__dict__
+        accel.apply(pipe, "fast")  # the reference: applied with that scheduler in place
+        fresh = run(pipe, "sd15")
+        accel.remove(pipe)
+    finally:
+        pipe.scheduler = original
+    assert st["calls"] == 3 and st["steps"] == steps
+    assert st["cache"]["reused"] > 0
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, fresh)
+
+
 def test_applied_restores_on_exception_and_previous_config(tiny_cache, probe_technique):
     pipe = tiny_cache("sd15")
     before = state_of(pipe)
