@@ -36,6 +36,11 @@ def _image_call(pipe, prompts, seed=0, steps=10):
                 generator=torch.Generator().manual_seed(seed)).images
 
 
+def _dit_call(pipe, prompts, seed=0, steps=10):
+    return pipe(prompts, **{**ref.call_defaults("ref-dit"), "num_inference_steps": steps}, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
 def _video_call(pipe, prompts, seed=0, steps=10):
     return pipe(prompts, num_frames=17, height=32, width=32, num_inference_steps=steps, guidance_scale=5.0,
                 max_sequence_length=32, output_type="np", generator=torch.Generator().manual_seed(seed)).frames
@@ -44,11 +49,13 @@ def _video_call(pipe, prompts, seed=0, steps=10):
 @pytest.fixture(scope="module")
 def micro_models(tmp_path_factory):
     """Each training script, run end to end at a few steps: the pipelines it saves (untrained)."""
-    from accel.pipelines.ref import train_sd, train_video
+    from accel.pipelines.ref import train_dit, train_sd, train_video
 
     root = tmp_path_factory.mktemp("ref_models")
     train_sd.main(["--vae-steps", "2", "--unet-steps", "2", "--batch", "4", "--vae-batch", "2", "--pool", "8",
                    "--eval", "1", "--out", str(root / "ref-sd")])
+    train_dit.main(["--steps", "2", "--batch", "2", "--pool", "8", "--eval", "1", "--vae-from", str(root / "ref-sd"),
+                    "--out", str(root / "ref-dit")])
     train_video.main(["--vae-steps", "1", "--steps", "2", "--batch", "2", "--vae-batch", "1", "--pool", "4",
                       "--eval", "1", "--out", str(root / "ref-video")])
     return root
@@ -58,8 +65,8 @@ def test_training_scripts_save_pipelines_loadable_by_name_and_by_path(micro_mode
     import json
 
     monkeypatch.setattr(ref, "MODELS_DIR", micro_models)
-    assert set(ref.shipped()) == {"ref-sd", "ref-video"} <= set(builtin_models())
-    for name, cls in [("ref-sd", "StableDiffusionPipeline"), ("ref-video", "WanPipeline")]:
+    assert set(ref.shipped()) == {"ref-sd", "ref-dit", "ref-video"} <= set(builtin_models())
+    for name, cls in [("ref-sd", "StableDiffusionPipeline"), ("ref-dit", "FluxPipeline"), ("ref-video", "WanPipeline")]:
         record = json.loads((micro_models / name / "training.json").read_text())
         assert record["seed"] == 0 and "held_out" in record
         by_name, by_path = load(name, device="cpu"), load(str(micro_models / name), device="cpu")
@@ -67,6 +74,9 @@ def test_training_scripts_save_pipelines_loadable_by_name_and_by_path(micro_mode
     pipe = load("ref-sd", device="cpu")
     prompt = ["a big red circle in the center on a gray background"]
     np.testing.assert_array_equal(_image_call(pipe, prompt, 3, steps=3), _image_call(pipe, prompt, 3, steps=3))
+    dit = load("ref-dit", device="cpu")
+    assert torch.equal(dit.vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight)  # one shared autoencoder
+    np.testing.assert_array_equal(_dit_call(dit, prompt, 3, steps=2), _dit_call(dit, prompt, 3, steps=2))
     video = _video_call(load("ref-video", device="cpu"), prompt, steps=2)
     assert video.shape == (1, 17, 32, 32, 3)
 

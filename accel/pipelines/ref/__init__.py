@@ -1,6 +1,7 @@
 """Reference models: small real diffusers pipelines trained offline on `accel.eval.shapes` data.
 
-``python -m accel.pipelines.ref.train_sd`` (``train_video``) trains ``ref-sd`` (``ref-video``)
+``python -m accel.pipelines.ref.train_sd`` (``train_dit``, ``train_video``) trains ``ref-sd``
+(``ref-dit``, ``ref-video``)
 from a seed and saves it with ``save_pretrained`` (safetensors) under
 ``accel/pipelines/ref_models/<name>/``, which ships with the package; `accel.pipelines.load`
 finds it by name (``load("ref-sd")``, ``--model ref-sd``) or by path.
@@ -16,6 +17,8 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "ref_models"
 MODELS: dict[str, tuple[str, str]] = {
     "ref-sd": ("StableDiffusionPipeline, 64 px, trained on procedural shapes (offline)",
                "python -m accel.pipelines.ref.train_sd"),
+    "ref-dit": ("FluxPipeline (MMDiT), 64 px, trained on procedural shapes (offline)",
+                "python -m accel.pipelines.ref.train_dit"),
     "ref-video": ("WanPipeline, 17 frames of 32 px, trained on moving procedural shapes (offline)",
                   "python -m accel.pipelines.ref.train_video"),
 }
@@ -24,6 +27,9 @@ MODELS: dict[str, tuple[str, str]] = {
 # released checkpoints: Wan would render 81 frames of 480x832).
 _CALL_DEFAULTS: dict[str, dict] = {
     "ref-sd": {"num_inference_steps": 25, "guidance_scale": 5.0, "height": 64, "width": 64},
+    # FluxPipeline's true classifier-free guidance (the model has no distilled guidance embedding).
+    "ref-dit": {"num_inference_steps": 20, "true_cfg_scale": 5.0, "negative_prompt": "", "height": 64, "width": 64,
+                "max_sequence_length": 32},
     "ref-video": {"num_inference_steps": 25, "guidance_scale": 5.0, "height": 32, "width": 32, "num_frames": 17,
                   "max_sequence_length": 32},
 }
