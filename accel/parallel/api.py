@@ -94,33 +94,38 @@ def check(pipe, cfg: ParallelConfig) -> list[str]:
     return names
 
 
-def parallelize(pipe, config: ParallelConfig | dict | None = None, **overrides):
+def parallelize(pipe, config: ParallelConfig | dict | None = None, *, replicas: int = 1, **overrides):
     """Run ``pipe`` across the ranks of the process group; returns ``pipe``.
 
     Call it on every rank, after `accel.parallel.init()` / under ``torchrun`` (it initialises the
     default group from the launcher's environment when needed). Every rank then calls the
     pipeline with the same arguments and the same seed; every rank gets the full output, rank 0
     writes it. Parallelizing again replaces the previous configuration.
+
+    ``replicas``: the world holds that many copies of the pipeline, each on ``config.world_size``
+    consecutive ranks with inputs of its own (data parallel x the strategies; ``accel batch
+    --parallel``); the ranks of one copy call the pipeline together, and its first rank writes.
     """
     cfg = _as_config(config, overrides)
     unparallelize(pipe)
     strategies = check(pipe, cfg)
-    if cfg.world_size > 1 or cfg.vae:
+    need = cfg.world_size * replicas
+    if need > 1 or cfg.vae:
         device = getattr(pipe, "device", None)
         rank, world = runtime.init(cfg.backend, cfg.timeout_s, str(device) if device is not None else None)
-        if world == 1 and cfg.world_size > 1:
-            raise ParallelError(f"parallel: degrees need {cfg.world_size} processes but this is a single process; "
-                                f"launch with torchrun --nproc-per-node {cfg.world_size} or use accel.parallel.spawn")
-    groups = Groups(cfg) if cfg.world_size > 1 else None
+        if world == 1 and need > 1:
+            raise ParallelError(f"parallel: degrees need {need} processes but this is a single process; "
+                                f"launch with torchrun --nproc-per-node {need} or use accel.parallel.spawn")
+    groups = Groups(cfg, replicas) if cfg.world_size > 1 else None
     ledger = Ledger()
     handle = ParallelHandle(cfg, ledger, groups, {"strategies": strategies})
     try:
         for component, module in denoisers_of(pipe):
-            _parallelize_denoiser(pipe, Adapter(module, component), cfg, groups, ledger, handle)
+            _parallelize_denoiser(pipe, Adapter(module, component), cfg, groups, ledger, handle, replicas)
         if cfg.vae:
             from .vae import apply_vae
 
-            apply_vae(ledger, pipe.vae, cfg, handle.stats)
+            apply_vae(ledger, pipe.vae, cfg, handle.stats, groups, replicas)
     except BaseException:
         ledger.undo_all()
         raise
@@ -128,7 +133,7 @@ def parallelize(pipe, config: ParallelConfig | dict | None = None, **overrides):
     return pipe
 
 
-def _parallelize_denoiser(pipe, adapter: Adapter, cfg, groups, ledger, handle) -> None:
+def _parallelize_denoiser(pipe, adapter: Adapter, cfg, groups, ledger, handle, replicas: int = 1) -> None:
     from . import attention
     from .sharding import PLANS, apply_plan
 
@@ -137,7 +142,7 @@ def _parallelize_denoiser(pipe, adapter: Adapter, cfg, groups, ledger, handle) -
         return
     state = LoopState()
     if cfg.sequence > 1 and _sequence_backend(cfg, module) == "diffusers":
-        _diffusers_context_parallel(module, cfg, ledger)
+        _diffusers_context_parallel(module, cfg, ledger, replicas)
     elif cfg.sequence > 1 or (cfg.patch > 1 and fam.kind == "dit"):
         plan = PLANS[fam.name]
         apply_plan(ledger, module, plan, groups, state, handle.stats)
@@ -174,7 +179,7 @@ def _parallelize_denoiser(pipe, adapter: Adapter, cfg, groups, ledger, handle) -
     ledger.add_hook(module, StepHook(state), STEP_HOOK)
 
 
-def _diffusers_context_parallel(module, cfg: ParallelConfig, ledger: Ledger) -> None:
+def _diffusers_context_parallel(module, cfg: ParallelConfig, ledger: Ledger, replicas: int = 1) -> None:
     """diffusers' own context parallelism (``_cp_plan`` + Ulysses in its attention dispatcher).
 
     ``enable_parallelism`` computes ``rank % torch.accelerator.device_count()``, which divides by
@@ -191,8 +196,8 @@ def _diffusers_context_parallel(module, cfg: ParallelConfig, ledger: Ledger) -> 
                             "load it without parallel_config to use accel.parallelize")
     on_cuda = next(module.parameters()).device.type == "cuda"
     device_type = "cuda" if on_cuda else "cpu"
-    mesh = dist.device_mesh.init_device_mesh(device_type, (cfg.cfg, 1, cfg.sequence),
-                                             mesh_dim_names=("cfg", "ring", "ulysses"))["ring", "ulysses"]
+    mesh = dist.device_mesh.init_device_mesh(device_type, (replicas, cfg.cfg, 1, cfg.sequence),
+                                             mesh_dim_names=("replica", "cfg", "ring", "ulysses"))["ring", "ulysses"]
     cp = ContextParallelConfig(ulysses_degree=cfg.sequence, mesh=mesh, ulysses_anything=True)
     config = DiffusersParallelConfig(context_parallel_config=cp)
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")

@@ -21,31 +21,45 @@ from .runtime import ParallelError, rank, world_size
 
 
 class Groups:
-    """The CFG group (same token shard, both branches) and the inner group (one branch, all shards)."""
+    """The CFG group (same token shard, both branches) and the inner group (one branch, all shards).
 
-    def __init__(self, cfg: ParallelConfig):
-        n = world_size()
-        if n != cfg.world_size:
+    With ``replicas`` > 1 the world holds that many copies of the pipeline, each on
+    ``cfg.world_size`` consecutive ranks running its own inputs (the batch driver's group of
+    ranks per image); every group lies inside one copy, and ``replica_group`` spans a copy.
+    """
+
+    def __init__(self, cfg: ParallelConfig, replicas: int = 1):
+        n, size = world_size(), cfg.world_size
+        if n != size * replicas:
+            copies = f"{replicas} copies x " if replicas > 1 else ""
             raise ParallelError(
-                f"parallel: world size {n} does not match the degrees (cfg={cfg.cfg} x "
+                f"parallel: world size {n} does not match the degrees ({copies}cfg={cfg.cfg} x "
                 f"{'sequence' if cfg.sequence > 1 else 'patch' if cfg.patch > 1 else 'token axis'}={cfg.inner} "
-                f"= {cfg.world_size}); launch {cfg.world_size} processes (torchrun --nproc-per-node "
-                f"{cfg.world_size}, or accel generate --gpus {cfg.world_size}) or change the degrees")
+                f"= {size * replicas}); launch {size * replicas} processes (torchrun --nproc-per-node "
+                f"{size * replicas}, or accel generate --gpus {size * replicas}) or change the degrees")
         self.rank = rank()
+        self.size = size
+        self.replica, self.local_rank = divmod(self.rank, size)
         self.cfg_degree, self.inner_degree = cfg.cfg, cfg.inner
-        self.cfg_index, self.inner_index = divmod(self.rank, cfg.inner)
-        self.cfg_group = self.inner_group = None
-        # new_group is collective: every rank creates every group, in the same order.
-        for i in range(cfg.inner):
-            ranks = [c * cfg.inner + i for c in range(cfg.cfg)]
-            g = dist.new_group(ranks) if cfg.cfg > 1 else None
-            if self.rank in ranks:
-                self.cfg_group = g
-        for c in range(cfg.cfg):
-            ranks = [c * cfg.inner + i for i in range(cfg.inner)]
-            g = dist.new_group(ranks) if cfg.inner > 1 else None
-            if self.rank in ranks:
-                self.inner_group = g
+        self.cfg_index, self.inner_index = divmod(self.local_rank, cfg.inner)
+        self.cfg_group = self.inner_group = self.replica_group = None
+        # new_group is collective: every rank creates every group (of every copy), in the same order.
+        for base in range(0, n, size):
+            for i in range(cfg.inner):
+                ranks = [base + c * cfg.inner + i for c in range(cfg.cfg)]
+                g = dist.new_group(ranks) if cfg.cfg > 1 else None
+                if self.rank in ranks:
+                    self.cfg_group = g
+            for c in range(cfg.cfg):
+                ranks = [base + c * cfg.inner + i for i in range(cfg.inner)]
+                g = dist.new_group(ranks) if cfg.inner > 1 else None
+                if self.rank in ranks:
+                    self.inner_group = g
+            if replicas > 1 and size > 1:
+                ranks = list(range(base, base + size))
+                g = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.replica_group = g
 
 
 class _ContextSpy(StateManager):

@@ -55,17 +55,30 @@ class _Stale:
 
 
 class HaloConvHook(ModelHook):
+    """A k x k (or t x k x k) convolution on a band of rows, with ``k // 2`` halo rows from the neighbours.
+
+    Works for ``Conv2d`` on (B, C, H, W) and ``Conv3d`` on (B, C, T, H, W): rows are always dim -2.
+    """
+
     def __init__(self, ex: _Stale):
         super().__init__()
         self.ex = ex
 
     def new_forward(self, module, x, *args, **kwargs):
-        ph = module.padding[0] if isinstance(module.padding, tuple) else 0
-        if x.ndim != 4 or ph == 0:
+        ph = module.padding[-2] if isinstance(module.padding, tuple) else 0
+        if x.ndim not in (4, 5) or ph == 0:
             return self.fn_ref.original_forward(x, *args, **kwargs)
+        padding = list(module.padding)
+        padding[-2] = 0
+        conv = F.conv2d if x.ndim == 4 else F.conv3d
+        return conv(self.extend(x, ph), module.weight, module.bias, module.stride, tuple(padding),
+                    module.dilation, module.groups)
+
+    def extend(self, x: torch.Tensor, ph: int) -> torch.Tensor:
+        """``x`` with ``ph`` rows of the band above and below (zeros at the image's edges)."""
         ex, g = self.ex, self.ex.groups
         p, r = g.inner_degree, g.inner_index
-        edges = torch.stack([x[:, :, :ph], x[:, :, -ph:]]).contiguous()  # (2, B, C, ph, W)
+        edges = torch.stack([x.narrow(-2, 0, ph), x.narrow(-2, x.shape[-2] - ph, ph)]).contiguous()
         key = (id(self), ex.state.call_in_step)
         if ex.sync_step() or key not in ex.store:
             parts = [torch.empty_like(edges) for _ in range(p)]
@@ -81,9 +94,7 @@ class HaloConvHook(ModelHook):
         zeros = torch.zeros_like(edges[0])
         above = parts[r - 1][1] if r > 0 else zeros
         below = parts[r + 1][0] if r < p - 1 else zeros
-        ext = torch.cat([above, x, below], dim=2)
-        return F.conv2d(ext, module.weight, module.bias, module.stride, (0, module.padding[1]),
-                        module.dilation, module.groups)
+        return torch.cat([above, x, below], dim=-2)
 
 
 class PatchGroupNormHook(ModelHook):
@@ -150,7 +161,7 @@ class RowCheckHook(ModelHook):
 
 
 def apply_unet(ledger, unet, groups: Groups, state: LoopState, cfg, stats: dict, processors) -> None:
-    from .sharding import GatherHook, SplitHook, SPLIT_HOOK, GATHER_HOOK
+    from .sharding import GATHER_HOOK, SPLIT_HOOK, GatherHook, SplitHook
 
     ex = _Stale(groups, state, "sync" if cfg.patch_mode == "sync" else "async", cfg.warmup_steps, stats)
     for _, m in unet.named_modules():
