@@ -87,6 +87,11 @@ def check(pipe, cfg: ParallelConfig) -> list[str]:
                 raise ConfigError(f"parallel.patch: {cfg.patch} is not available for {fam.name}; displaced patch "
                                   f"parallelism supports sd15, sdxl and {', '.join(PLANS)}")
             names.append(f"patch:{cfg.patch_mode}")
+        if cfg.clip > 1:
+            from .clip import check_clip
+
+            check_clip(fam, cfg)
+            names.append("clip")
     if cfg.vae:
         if isinstance(pipe, torch.nn.Module) or getattr(pipe, "vae", None) is None:
             raise ConfigError("parallel.vae: the pipeline has no vae component to decode in parallel")
@@ -143,6 +148,10 @@ def _parallelize_denoiser(pipe, adapter: Adapter, cfg, groups, ledger, handle, r
     state = LoopState()
     if cfg.sequence > 1 and _sequence_backend(cfg, module) == "diffusers":
         _diffusers_context_parallel(module, cfg, ledger, replicas)
+    elif cfg.clip > 1:
+        from .clip import apply_clip
+
+        apply_clip(ledger, pipe, adapter, groups, state, cfg, handle.stats)
     elif cfg.sequence > 1 or (cfg.patch > 1 and fam.kind == "dit"):
         plan = PLANS[fam.name]
         apply_plan(ledger, module, plan, groups, state, handle.stats)

@@ -31,6 +31,8 @@ class ParallelConfig(ConfigBase):
             GroupNorm statistics from the previous step, communication overlapped), ``sync_gn``
             (stale K/V and halos, synchronous GroupNorm), ``stale_gn`` (stale statistics, no
             local correction).
+        clip: clip parallel degree for video DiTs (Wan, CogVideoX, LTX; Video-Infinity): the
+            latent frames are cut into that many contiguous clips, one per rank.
         vae: decode latent tiles across all ranks.
     Tinkering:
         warmup_steps: fully synchronous steps before displaced (stale) communication starts.
@@ -38,6 +40,10 @@ class ParallelConfig(ConfigBase):
             to in async steps (1.0 = all).
         sequence_backend: ``auto`` (diffusers' context parallelism where the model has
             ``_cp_plan``, ours elsewhere), ``diffusers`` or ``ulysses`` (ours everywhere).
+        clip_neighbour_frames: dual-scope attention, local scope: frames of each adjacent clip
+            whose keys/values a clip attends to (0 with clip_global_tokens=0: independent clips).
+        clip_global_tokens: dual-scope attention, global scope: tokens of every other clip
+            (evenly strided) that each clip attends to.
         timeout_s: collective timeout: a dead rank makes the others fail after this long.
     """
 
@@ -52,7 +58,9 @@ class ParallelConfig(ConfigBase):
     warmup_steps: int = spec(1, min=0, help="fully synchronous steps before stale communication")
     patch_kv_fraction: float = spec(1.0, min=0.0, max=1.0, min_exclusive=True,
                                     help="PCPP: fraction of other patches' K/V tokens used in async steps")
-    clip: int = spec(1, min=1, help="clip parallel degree for video (not implemented yet; keep 1)")
+    clip: int = spec(1, min=1, help="clip parallel degree for video DiTs: frames split into clips across ranks")
+    clip_neighbour_frames: int = spec(1, min=0, help="frames of each adjacent clip every clip attends to")
+    clip_global_tokens: int = spec(8, min=0, help="strided tokens of every other clip every clip attends to")
     vae: bool = spec(False, help="decode latent tiles across all ranks")
     backend: str = spec("auto", choices=("auto", "nccl", "gloo"), help="auto: nccl on CUDA, gloo on CPU")
     timeout_s: float = spec(300.0, min=1.0, help="collective timeout in seconds")
@@ -80,9 +88,6 @@ class ParallelConfig(ConfigBase):
             raise ConfigError(f"parallel.{on[1]}: {getattr(self, on[1])!r} cannot be combined with "
                               f"{on[0]}={getattr(self, on[0])}; they split the same token axis. "
                               "Use one of sequence, patch or clip (each composes with cfg=2)")
-        if self.clip > 1:
-            raise ConfigError("parallel.clip: clip parallelism (Video-Infinity) is not implemented yet; "
-                              "use sequence=N for long videos on DiTs")
 
 
 PRESETS: dict = {}  # parallel degrees depend on the machine, not on a quality/speed preset
