@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "default outputs/<prompt>_s<seed>.<ext>")
     g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    g.add_argument("--parallel", default=None, metavar="FIELD=VALUE,...",
+                   help="multi-process parallel strategies, e.g. cfg=2,sequence=2 or patch=2,vae=true (fields of "
+                        "accel.ParallelConfig; also a [parallel] table of --config); needs that many processes")
+    g.add_argument("--gpus", type=_positive_int, default=None,
+                   help="spawn N worker processes (one per GPU; gloo on CPU) sharing one image by --parallel; "
+                        "default: the --parallel degrees' product. Under torchrun/accelerate launch, omit it")
     g.set_defaults(func=cmd_generate)
 
     # Other subcommands live with their feature; each module offers add_parser(subparsers).
@@ -116,14 +122,17 @@ def _config_from_args(args, family: str):
     from ..config import Config, resolve
 
     if args.config:
-        return Config.load(args.config)
+        from ..config_base import read_mapping
+
+        data = read_mapping(Path(args.config))
+        data.pop("parallel", None)  # read by generation.parallel_config
+        return Config.from_dict(data)
     return resolve(args.preset or "off", family)
 
 
 def cmd_generate(args) -> int:
     import accel
-    from ..pipelines.call import call_kwargs, family_name, is_video, to_frames
-    from ..pipelines.load import load
+
     from . import generation, outputs
 
     if args.out and Path(args.out).suffix.lower() not in outputs.IMAGE_SUFFIXES + outputs.VIDEO_SUFFIXES:
@@ -137,6 +146,35 @@ def cmd_generate(args) -> int:
         if args.preset not in names:
             raise UsageError(f"--preset {args.preset!r}: choose one of {', '.join(names)}")
 
+    pcfg = generation.parallel_config(args.parallel, args.config)
+    n = args.gpus or (pcfg.world_size if pcfg else 1)
+    if os.environ.get("WORLD_SIZE", "1") == "1" and n > 1:  # no launcher: spawn our own worker group
+        if pcfg is None:
+            raise UsageError(f"--gpus {n}: say how the processes share the image with --parallel, e.g. "
+                             f"--parallel cfg=2 (CFG branches) or sequence={n} (DiT tokens)")
+        if n != pcfg.world_size:
+            raise UsageError(f"--gpus {n}: --parallel {args.parallel or '(from --config)'} needs {pcfg.world_size} "
+                             "processes (cfg x sequence/patch); make the two agree")
+        from ..parallel import spawn
+
+        backend = "gloo" if args.device == "cpu" else pcfg.backend
+        spawn(_generate_rank, n, (args, pcfg), backend=backend, timeout_s=pcfg.timeout_s)
+        return 0
+    return _generate(args, pcfg)
+
+
+def _generate_rank(rank: int, args, pcfg) -> None:
+    """One worker of `accel generate --gpus N` (rank 0 writes and prints)."""
+    _generate(args, pcfg)
+
+
+def _generate(args, pcfg) -> int:
+    import accel
+
+    from ..pipelines.call import call_kwargs, family_name, is_video, to_frames
+    from ..pipelines.load import load
+    from . import generation, outputs
+
     t0 = time.perf_counter()
     pipe = load(args.model, device=args.device, dtype=args.dtype, seed=0)
     load_s = time.perf_counter() - t0
@@ -146,17 +184,26 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--frames: {args.model} makes images, not video")
     cfg = _config_from_args(args, family)
     accel.apply(pipe, cfg)
+    seed, speaks = args.seed, True
+    if pcfg is not None:
+        from .. import parallel
+
+        accel.parallelize(pipe, pcfg)
+        seed, speaks = parallel.shared_seed(args.seed), parallel.is_main()
+        if not speaks:
+            pipe.set_progress_bar_config(disable=True)  # rank 0 alone prints
 
     out = Path(args.out) if args.out else Path("outputs") / (
         f"{outputs.slug(args.prompt)}_s{args.seed}{'.mp4' if video else '.png'}")
     if video != (out.suffix.lower() in outputs.VIDEO_SUFFIXES):
         kind = "video (.mp4/.gif)" if video else "image (.png/.webp/.jpg)"
         raise UsageError(f"--out {str(out)!r}: {args.model} makes a {kind}")
-    outputs.check_writable(out)
+    if speaks:
+        outputs.check_writable(out)
 
     kw = call_kwargs(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                      height=args.height, width=args.width, frames=args.frames, guidance=args.guidance,
-                     seed=args.seed, defaults=generation.generation_defaults(args.model))
+                     seed=seed, defaults=generation.generation_defaults(args.model))
     t1 = time.perf_counter()
     try:
         result = pipe(**kw)
@@ -164,6 +211,8 @@ def cmd_generate(args) -> int:
         raise UsageError(str(e).strip().splitlines()[0]) from e
     generate_s = time.perf_counter() - t1
     frames = to_frames(result)
+    if not speaks:
+        return 0
 
     t2 = time.perf_counter()
     outputs.save_output(frames, out, fps=args.fps)
@@ -173,6 +222,8 @@ def cmd_generate(args) -> int:
         negative_prompt=args.negative_prompt, seed=args.seed, kw=kw,
         preset=None if args.config else (args.preset or "off"), config=cfg,
         timings={"load_s": load_s, "generate_s": generate_s, "save_s": save_s})
+    if pcfg is not None:
+        sidecar["parallel"] = accel.parallel.parallel_stats(pipe)
     outputs.write_json(outputs.sidecar_path(out), sidecar)
     print(f"wrote {out} ({'video' if video else 'image'} {frames.shape[-2]}x{frames.shape[-3]}"
           f"{f', {frames.shape[0]} frames' if video else ''}) in {generate_s:.2f}s; "

@@ -1,4 +1,5 @@
-"""What `accel generate` and `accel batch` share: a built-in model's call defaults and the sidecar record."""
+"""What `accel generate` and `accel batch` share: a built-in model's call defaults, the sidecar record,
+and the parallel config of ``--parallel``."""
 
 from __future__ import annotations
 
@@ -44,3 +45,33 @@ def sidecar(pipe, *, output: str, model: str, family: str, prompt: str, negative
         "stats": accel.stats(pipe) if stats is None else stats, "versions": versions(), "device": str(pipe.device),
         "dtype": str(denoiser.dtype),
     }
+
+
+def parallel_config(spec: str | None, config_file=None):
+    """The `accel.ParallelConfig` of ``--parallel cfg=2,sequence=2`` over a config file's ``parallel``
+    table; None when neither gives one. Values are YAML scalars (``vae=true``, ``patch_mode=async``)."""
+    import yaml
+
+    from ..config_base import ConfigError, read_mapping
+    from ..parallel import ParallelConfig
+    from .cli import UsageError
+
+    fields = {}
+    if config_file:
+        section = read_mapping(config_file).get("parallel")
+        if section is not None and not isinstance(section, dict):
+            raise UsageError(f"--config {str(config_file)!r}: parallel must be a table of ParallelConfig fields")
+        fields.update(section or {})
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--parallel {spec!r}: write FIELD=VALUE pairs separated by commas, e.g. cfg=2,sequence=2")
+        fields[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    if not fields:
+        return None
+    try:
+        return ParallelConfig.from_dict(fields)
+    except ConfigError as e:
+        raise UsageError(f"--parallel: {e}") from None

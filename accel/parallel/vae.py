@@ -29,7 +29,7 @@ from diffusers.hooks import ModelHook
 
 from .config import ParallelConfig
 from .context import LoopState
-from .runtime import ParallelError, _guard
+from .runtime import ParallelError, _guard, rank, world_size
 
 VAE_BAND_HOOK, VAE_FRAME_HOOK = "accel.parallel.vae_band", "accel.parallel.vae_frame"
 # Decoder modules that mix rows in ways halos cannot serve: computed on the whole frame, per class name.
@@ -42,13 +42,13 @@ class _Band:
     a pipeline copy's ranks (`Groups.replica_group`) when there are copies, else the whole world."""
 
     def __init__(self, groups, replicas: int):
-        self.rank = dist.get_rank()
+        self.rank = rank()
         if groups is not None:
             self.inner_group, self.inner_degree, self.inner_index = groups.replica_group, groups.size, groups.local_rank
         elif replicas > 1:  # one rank per copy: nothing to share
             self.inner_group, self.inner_degree, self.inner_index = None, 1, 0
         else:
-            self.inner_group, self.inner_degree, self.inner_index = None, dist.get_world_size(), self.rank
+            self.inner_group, self.inner_degree, self.inner_index = None, world_size(), self.rank
         self.cfg_degree, self.cfg_index, self.cfg_group = 1, 0, None
 
 
