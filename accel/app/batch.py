@@ -14,7 +14,11 @@ and the command line. The acceleration config is a preset (``--preset``, a row's
 the file's ``[batch] preset``), then the file's ``cache``/``tokens``/``attention`` sections, then
 ``--set section.field=value`` on top.
 
-Sharding: rank R of W does the rows with ``index % W == R`` (see `accel.app.workers`).
+Sharding: rank R of W does the rows with ``index % W == R`` (see `accel.app.workers`). With
+``--parallel cfg=2`` (any `accel.ParallelConfig`, or the config file's ``[parallel]`` table) the
+world splits into copies of ``degree`` ranks (the degrees' product) that make each image together
+with the parallel strategies on their own process groups; copy C of W/degree does the rows with
+``index % (W/degree) == C``, and its first rank alone writes outputs and manifest lines.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ SETTINGS = {
 }
 _CHOICES = {"image_format": ("png", "webp"), "video_format": ("mp4", "gif")}
 _CONFIG_SECTIONS = ("cache", "tokens", "attention")
+_PARALLEL_SECTION = "parallel"  # a config file's ParallelConfig table (accel.app.generation.parallel_config)
 
 
 def add_parser(sub) -> None:
@@ -72,6 +77,9 @@ def add_parser(sub) -> None:
                                                           "load nothing")
     b.add_argument("--gpus", type=_positive_int, default=None,
                    help="spawn N worker processes on this machine (one per GPU), each doing every Nth row")
+    b.add_argument("--parallel", default=None, metavar="FIELD=VALUE,...",
+                   help="a group of ranks per image, e.g. cfg=2: the processes split into groups of the degrees' "
+                        "product, each making its rows with these parallel strategies (accel.ParallelConfig)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_batch, _parser=b)
 
@@ -85,6 +93,7 @@ def add_parser(sub) -> None:
 class Settings:
     values: dict
     sections: dict = field(default_factory=dict)  # config overrides from the file and --set
+    parallel: object = None  # accel.ParallelConfig of --parallel / the file's [parallel] table, or None
 
     def __getattr__(self, name):
         try:
@@ -110,7 +119,9 @@ def settings_from_args(args) -> Settings:
         raise UsageError("--out: give the output folder (or `out` in the config file's [batch] table)")
     for k, v in _parse_sets(args.sets).items():
         _deep_set(sections, k, v)
-    return Settings(values, sections)
+    from .generation import parallel_config
+
+    return Settings(values, sections, parallel_config(getattr(args, "parallel", None), args.config))
 
 
 def _read_config_file(path) -> tuple[dict, dict]:
@@ -121,15 +132,15 @@ def _read_config_file(path) -> tuple[dict, dict]:
         data = read_mapping(p)
     except ConfigError as e:
         raise UsageError(f"--config: {e}") from None
-    unknown = [k for k in data if k not in (*_CONFIG_SECTIONS, "batch")]
+    unknown = [k for k in data if k not in (*_CONFIG_SECTIONS, _PARALLEL_SECTION, "batch")]
     if unknown:
         raise UsageError(f"--config {str(path)!r}: unknown section {unknown[0]!r}; sections are "
-                         f"{', '.join(_CONFIG_SECTIONS)} and batch")
+                         f"{', '.join(_CONFIG_SECTIONS)}, {_PARALLEL_SECTION} and batch")
     batch = data.get("batch") or {}
     bad = [k for k in batch if k not in SETTINGS]
     if bad:
         raise UsageError(f"--config {str(path)!r}: batch.{bad[0]}: unknown setting; settings are {', '.join(SETTINGS)}")
-    return batch, {k: v for k, v in data.items() if k != "batch"}
+    return batch, {k: v for k, v in data.items() if k not in ("batch", _PARALLEL_SECTION)}
 
 
 def _convert(name, typ, value, path):
@@ -223,7 +234,7 @@ def _pick(row_value, default):
 def cmd_batch(args) -> int:
     import accel
 
-    from .workers import Interrupted, Rank, spawn
+    from .workers import Interrupted, spawn
 
     s = settings_from_args(args)
     presets = accel.available_presets()
@@ -245,14 +256,32 @@ def cmd_batch(args) -> int:
     from .outputs import check_writable
 
     check_writable(out / "x")
-    if args.gpus and args.gpus > 1 and Rank.from_env().world == 1:
+    rank = _rank_for(s, args.gpus)
+    if args.gpus and args.gpus > 1 and rank.world == 1:
         return spawn(args.gpus, ["batch", *_argv_without_gpus(args)])
     try:
-        return run_worker(jobs, s, Rank.from_env(), overwrite=args.overwrite, progress=not args.no_progress,
+        return run_worker(jobs, s, rank, overwrite=args.overwrite, progress=not args.no_progress,
                           source=args.prompts)
     except Interrupted as e:
         print(f"accel: interrupted ({e}); run the same command again to resume", file=sys.stderr)
         return 128 + e.signum
+
+
+def _rank_for(s: Settings, gpus: int | None):
+    """This process's `workers.Rank`, with the --parallel degree; refuses a world the degree does not divide."""
+    from dataclasses import replace
+
+    from .workers import Rank
+
+    rank = Rank.from_env()
+    if s.parallel is None:
+        return rank
+    degree = s.parallel.world_size
+    world = gpus if rank.world == 1 and gpus else rank.world
+    if world % degree:
+        raise UsageError(f"--parallel: a group of {degree} ranks per image needs a number of processes that is a "
+                         f"multiple of {degree}, not {world}; use --gpus {degree * max(1, world // degree)}")
+    return replace(rank, degree=degree)
 
 
 def _argv_without_gpus(args) -> list[str]:
@@ -307,22 +336,29 @@ def run_worker(jobs: list[Job], s: Settings, rank, *, overwrite=False, progress=
     out.mkdir(parents=True, exist_ok=True)
     mine = [j for j in jobs if rank.owns(j.row.index)]
     with workers.folder_lock(out, rank.rank), workers.Signals() as signals:
-        group = workers.Group(rank)
+        group = workers.Group(rank, _backend(s, rank))
         try:
             run = group.run_id()
             done = mf.Done(out, mf.read_all(out, warn=rank.rank == 0))
-            _remove_stale_temporaries(out, {j.stem for j in mine})
+            if rank.leader:
+                _remove_stale_temporaries(out, {j.stem for j in mine})
             status = {j.stem: ("todo" if overwrite else done.status(j.stem, j.key))
                       for j in (jobs if rank.rank == 0 else mine)}
-            todo = [j for j in mine if status[j.stem] != "done"]
+            # A copy's ranks make every image together: they take the leader's list, read before any
+            # of it was written.
+            todo_names = group.from_leader([j.stem for j in mine if status[j.stem] != "done"])
+            todo = [j for j in mine if j.stem in set(todo_names)]
             tally = _Tally(skipped=len(mine) - len(todo))
             total_todo = sum(st != "done" for st in status.values())
-            writer = mf.Writer(out / mf.manifest_name(rank.rank, rank.world))
+            writer = mf.Writer(out / mf.manifest_name(rank.copy, rank.copies)) if rank.leader else _NoWriter()
             bar = _Progress(out, rank, run, total_todo, len(jobs) - total_todo, enabled=progress)
             try:
                 writer.write({"event": "start", "run": run, "rank": rank.rank, "world": rank.world,
                               "rows": len(mine), "todo": len(todo), "source": str(source)})
-                if todo:
+                # parallelize builds its process groups collectively: with --parallel every rank
+                # joins once any copy has work, even one with none of its own.
+                busy = any(group.gather(bool(todo))) if rank.degree > 1 else bool(todo)
+                if todo or busy:
                     _generate_all(todo, s, rank, run, writer, signals, tally, bar, pipe)
                 writer.write({"event": "end", "run": run, "rank": rank.rank, "generated": tally.generated,
                               "failed": len(tally.failed), "skipped": tally.skipped})
@@ -336,12 +372,32 @@ def run_worker(jobs: list[Job], s: Settings, rank, *, overwrite=False, progress=
             finally:
                 writer.close()
             bar.close()
-            tallies = group.gather(tally)
+            tallies = group.gather(tally)[::rank.degree]  # the leaders' (the other ranks made the same rows)
         finally:
             group.close()
-    if rank.rank == 0 and rank.world > 1:
+    if rank.rank == 0 and rank.copies > 1:
         mf.merge_rank_files(out)
     return _summary(tallies, len(jobs), out, rank.rank == 0)
+
+
+class _NoWriter:
+    """The manifest of a rank that is not its copy's leader: it writes nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _backend(s: Settings, rank) -> str:
+    """The default group's backend: gloo, or NCCL when --parallel runs its strategies on GPUs."""
+    if rank.degree == 1:
+        return "gloo"
+    from ..parallel.runtime import backend_for
+    from ..pipelines.load import default_device
+
+    return backend_for(s.device or default_device(), s.parallel.backend)
 
 
 def _remove_stale_temporaries(out: Path, stems: set[str]) -> None:
@@ -364,6 +420,7 @@ def _remove_stale_temporaries(out: Path, stems: set[str]) -> None:
 def _generate_all(todo, s: Settings, rank, run, writer, signals, tally, bar, pipe) -> None:
     import accel
 
+    from ..parallel import ParallelError
     from ..pipelines.call import family_name, is_video
     from ..pipelines.load import default_device, load
 
@@ -379,13 +436,20 @@ def _generate_all(todo, s: Settings, rank, run, writer, signals, tally, bar, pip
     if own_pipe:
         pipe.set_progress_bar_config(disable=True)  # one bar for the batch, not one per row
     family, video = family_name(pipe), is_video(pipe)
-    ctx = _Context(s, pipe, family, video, load_s)
+    ctx = _Context(s, pipe, family, video, load_s, leader=rank.leader)
+    if s.parallel is not None:
+        if todo:  # the usual single preset goes on before the parallel hooks, as in `accel generate`
+            ctx.current = ctx.configs[todo[0].preset] = config_for(todo[0].preset, s.sections, family)
+            accel.apply(pipe, ctx.current)
+        accel.parallelize(pipe, s.parallel, replicas=rank.copies)
     try:
         for job in todo:
             t = time.perf_counter()
             try:
                 record = _generate_one(job, ctx, signals, writer, run, rank.rank)
                 tally.generated += 1
+            except ParallelError:  # a rank of this copy is gone: the group cannot go on
+                raise
             except Exception as e:  # the row fails, the batch goes on
                 err = _describe(e)
                 record = {"event": "row", "status": "failed", "name": job.stem, "index": job.row.index,
@@ -398,6 +462,8 @@ def _generate_all(todo, s: Settings, rank, run, writer, signals, tally, bar, pip
             tally.seconds += time.perf_counter() - t
             bar.advance(failed=record["status"] == "failed")
     finally:
+        if s.parallel is not None:
+            accel.parallel.unparallelize(pipe)
         if not own_pipe:
             accel.remove(pipe)
 
@@ -411,6 +477,7 @@ class _Context:
     load_s: float
     configs: dict = field(default_factory=dict)
     current: object = None
+    leader: bool = True  # the rank that writes (with --parallel, a copy's first rank)
 
 
 class RowError(ValueError):
@@ -442,6 +509,8 @@ def _generate_one(job: Job, ctx: _Context, signals, writer, run, rank) -> dict:
     generate_s = time.perf_counter() - t
     if not np.isfinite(frames).all():
         raise RowError("the output has NaN or infinite values (try float32, fewer steps' skipping, or preset off)")
+    if not ctx.leader:
+        return {"status": "ok"}
     suffix = "." + (s.video_format if ctx.video else s.image_format)
     out = Path(s.out) / (job.stem + suffix)
     with signals.commit():
@@ -454,6 +523,8 @@ def _generate_one(job: Job, ctx: _Context, signals, writer, run, rank) -> dict:
                                                        "save_s": save_s})
         side.update({"row": job.row.fields(), "line": job.row.line, "index": job.row.index, "id": job.row.id,
                      "request": job.key})
+        if s.parallel is not None:
+            side["parallel"] = accel.parallel.parallel_stats(pipe)
         outputs.write_json(outputs.sidecar_path(out), side)
         size, sha = mf.file_digest(out)
         record = {"event": "row", "status": "ok", "name": job.stem, "output": out.name, "index": job.row.index,

@@ -22,9 +22,14 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Rank:
+    """This process in the batch's world. With ``degree`` > 1 (``accel batch --parallel``) the world
+    splits into copies of ``degree`` consecutive ranks that make each image together; rows are
+    sharded across copies, and a copy's first rank (its leader) alone writes."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    degree: int = 1
 
     @classmethod
     def from_env(cls) -> "Rank":
@@ -39,16 +44,32 @@ class Rank:
             raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world}")
         return cls(rank, max(world, 1), local)
 
+    @property
+    def copy(self) -> int:
+        return self.rank // self.degree
+
+    @property
+    def copies(self) -> int:
+        return self.world // self.degree
+
+    @property
+    def leader(self) -> bool:
+        return self.rank % self.degree == 0
+
     def owns(self, index: int) -> bool:
-        return index % self.world == self.rank
+        return index % self.copies == self.copy
 
 
 class Group:
-    """A gloo process group for agreement and the final meeting; a no-op for a single process."""
+    """A gloo process group for agreement and the final meeting; a no-op for a single process.
 
-    def __init__(self, rank: Rank):
+    ``backend`` is that of the default group this creates (``nccl`` when the parallel strategies of
+    ``--parallel`` run on GPUs); the meetings always go through a gloo group of their own."""
+
+    def __init__(self, rank: Rank, backend: str = "gloo"):
         self.rank = rank
         self.dist = None
+        self.copy_group = None
         if rank.world > 1:
             import torch.distributed as dist
 
@@ -57,14 +78,26 @@ class Group:
                     if var not in os.environ:
                         raise RuntimeError(f"WORLD_SIZE={rank.world} but {var} is not set; launch with torchrun, "
                                            "accelerate launch, or `accel batch --gpus N`")
-                # Ranks finish their shards at different times; a short timeout would kill the early ones.
-                dist.init_process_group("gloo", rank=rank.rank, world_size=rank.world,
-                                        timeout=datetime.timedelta(days=7))
+                dist.init_process_group(backend, rank=rank.rank, world_size=rank.world, timeout=LONG)
                 self._owned = True
             else:
                 self._owned = False
             self.dist = dist
-            self.group = dist.new_group(backend="gloo")
+            self.group = dist.new_group(backend="gloo", timeout=LONG)
+            if rank.degree > 1:  # new_group is collective: every rank creates every copy's group
+                for c in range(rank.copies):
+                    g = dist.new_group(list(range(c * rank.degree, (c + 1) * rank.degree)), backend="gloo",
+                                       timeout=LONG)
+                    if c == rank.copy:
+                        self.copy_group = g
+
+    def from_leader(self, obj):
+        """The copy leader's ``obj`` on every rank of its copy (they must work on the same rows)."""
+        if self.copy_group is None:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=self.rank.copy * self.rank.degree, group=self.copy_group)
+        return box[0]
 
     def run_id(self) -> str:
         ids = [uuid.uuid4().hex[:12]]
@@ -94,6 +127,10 @@ class Group:
     def close(self) -> None:
         if self.dist and self._owned and self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+# Ranks finish their shards at different times; a short timeout would kill the early ones.
+LONG = datetime.timedelta(days=7)
 
 
 class Interrupted(BaseException):
