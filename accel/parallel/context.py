@@ -34,7 +34,7 @@ class Groups:
             copies = f"{replicas} copies x " if replicas > 1 else ""
             raise ParallelError(
                 f"parallel: world size {n} does not match the degrees ({copies}cfg={cfg.cfg} x "
-                f"{'sequence' if cfg.sequence > 1 else 'patch' if cfg.patch > 1 else 'token axis'}={cfg.inner} "
+                f"{'sequence' if cfg.sequence > 1 else 'patch' if cfg.patch > 1 else 'clip' if cfg.clip > 1 else 'token axis'}={cfg.inner} "
                 f"= {size * replicas}); launch {size * replicas} processes (torchrun --nproc-per-node "
                 f"{size * replicas}, or accel generate --gpus {size * replicas}) or change the degrees")
         self.rank = rank()
