@@ -32,9 +32,10 @@ class Groups:
         n, size = world_size(), cfg.world_size
         if n != size * replicas:
             copies = f"{replicas} copies x " if replicas > 1 else ""
+            axis = next((a for a in ("sequence", "patch", "clip") if getattr(cfg, a) > 1), "token axis")
             raise ParallelError(
                 f"parallel: world size {n} does not match the degrees ({copies}cfg={cfg.cfg} x "
-                f"{'sequence' if cfg.sequence > 1 else 'patch' if cfg.patch > 1 else 'clip' if cfg.clip > 1 else 'token axis'}={cfg.inner} "
+                f"{axis}={cfg.inner} "
                 f"= {size * replicas}); launch {size * replicas} processes (torchrun --nproc-per-node "
                 f"{size * replicas}, or accel generate --gpus {size * replicas}) or change the degrees")
         self.rank = rank()

@@ -96,6 +96,11 @@ def _latents(name: str) -> torch.Tensor:
     return torch.randn(latent_shape(name, FRAMES), generator=torch.Generator().manual_seed(7))
 
 
+def _clip_run(pipe, name: str, latents: torch.Tensor, **fields):
+    accel.parallelize(pipe, ParallelConfig(clip=2, **fields))
+    return call(pipe, name, latents), parallel_stats(pipe)
+
+
 def run(rank: int, path: str) -> None:
     from accel.pipelines import tiny
 
@@ -107,14 +112,9 @@ def run(rank: int, path: str) -> None:
         alone = call_alone(pipe, name, latents, f0, f1)
         full = call(pipe, name, latents)  # the whole video, one process
 
-        def parallel(**fields):
-            accel.parallelize(pipe, ParallelConfig(clip=2, **fields))
-            out = call(pipe, name, latents)
-            return out, parallel_stats(pipe)
-
-        independent, stats_ind = parallel(clip_neighbour_frames=0, clip_global_tokens=0)
-        dual, stats_dual = parallel(**DUAL)
-        whole_context, _ = parallel(clip_neighbour_frames=FRAMES // 2, clip_global_tokens=0)
+        independent, stats_ind = _clip_run(pipe, name, latents, clip_neighbour_frames=0, clip_global_tokens=0)
+        dual, stats_dual = _clip_run(pipe, name, latents, **DUAL)
+        whole_context, _ = _clip_run(pipe, name, latents, clip_neighbour_frames=FRAMES // 2, clip_global_tokens=0)
         try:  # 3 latent frames do not split into 2 clips
             call(pipe, name, take(name, latents, 0, 3), frames=3)
             odd = ""
