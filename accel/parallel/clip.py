@@ -16,7 +16,8 @@ attention**: each rank's queries attend to
 
 - its own clip's keys and values (fresh, exact within the clip);
 - local scope: the keys/values of ``clip_neighbour_frames`` frames at each edge of the adjacent
-  clips (point-to-point with the neighbour ranks);
+  clips (point-to-point with the neighbour ranks; at most a whole clip, which for 2 ranks is
+  full attention);
 - global scope: ``clip_global_tokens`` tokens of every other clip, evenly strided over it
   (all-gathered), as plain keys/values. (Weighting each by the tokens it stands for, as
   proportional attention does, measured worse: a few strided samples are too noisy a summary.)
@@ -101,6 +102,11 @@ class DualScope(ParallelProcessor):
             raise NotImplementedError(f"{self.site}: clip parallel attention with a mask is not supported; "
                                       "set clip_neighbour_frames=0 and clip_global_tokens=0 for this model")
         lay = self.layout(q)
+        geo = self.geometry
+        if lay.n != geo.frames // self.groups.inner_degree * geo.frame_tokens:
+            raise ParallelError(f"{self.site}: {lay.n} video tokens reach attention, not the clip's "
+                                f"{geo.frames // self.groups.inner_degree} frames x {geo.frame_tokens}; another "
+                                "technique changes the token count (token merging?): turn it off with clip parallelism")
         kv = torch.stack([k[:, :, lay.image], v[:, :, lay.image]])  # (2, B, H, n, D): my clip's keys/values
         extra = self._neighbours(kv) if self.neighbour_frames else []
         if self.global_tokens:
