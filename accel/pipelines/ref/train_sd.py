@@ -8,9 +8,9 @@ to the 4x-downsampled picture), then the UNet and the text encoder together (eps
 prompts are never held out. Prints the losses and, at the end, the attribute checker's colour and
 shape accuracy on held-out prompts, and writes both to ``training.json`` beside the weights.
 
-Measured (BENCHMARKS.md, "Reference models"): the defaults (500 UNet steps, ~13 min on a busy
-shared core) give a good autoencoder but a UNet that has learned backgrounds and not yet objects;
-the denoiser needs several thousand steps.
+Measured (BENCHMARKS.md, "Reference models"): with epsilon prediction every picture came out
+mid-gray whatever the prompt; v-prediction on a zero-terminal-SNR schedule fixed backgrounds within
+600 steps. Objects need several thousand UNet steps.
 """
 
 from __future__ import annotations
@@ -65,17 +65,25 @@ def build_unet():
     )  # fmt: skip
 
 
+# v-prediction on a zero-terminal-SNR schedule, sampled with "trailing" timesteps (Lin et al. 2023,
+# "Common Diffusion Noise Schedules and Sample Steps are Flawed"): with epsilon prediction and SD's
+# usual schedule the last step keeps the noise's mean, so a small model cannot make a background
+# black or white and every picture comes out mid-gray; v-prediction also gives the high-noise steps,
+# where colour and place are decided, a strong signal.
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
 def noise_schedule():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    return DDPMScheduler(**SCHEDULE)
 
 
 def inference_scheduler():
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000)
+    return DPMSolverMultistepScheduler(**SCHEDULE, steps_offset=1, final_sigmas_type="zero")
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -129,7 +137,7 @@ def train_unet(unet, text_encoder, tok, pool, scale: float, steps: int, batch: i
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         noise = torch.randn(z.shape, generator=g)
         pred = unet(sched.add_noise(z, noise, t), t, cond).sample
-        return F.mse_loss(pred, noise)
+        return F.mse_loss(pred, sched.get_velocity(z, noise, t))
 
     return C.fit([unet, text_encoder], loss_fn, steps, lr, seed, "unet")
 
@@ -160,6 +168,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval", type=int, default=60, help="held-out prompts scored at the end")
     ap.add_argument("--out", type=Path, default=C.MODELS_DIR / "ref-sd")
     ap.add_argument("--resume", type=Path, help="a saved ref-sd folder: keep its VAE, train its UNet + text encoder on")
+    ap.add_argument("--vae-from", type=Path, help="a saved ref-sd folder: keep its VAE, train a new UNet + text encoder")
     args = ap.parse_args(argv)
     from diffusers import StableDiffusionPipeline
 
@@ -170,6 +179,13 @@ def main(argv=None) -> None:
     if args.resume:
         old = StableDiffusionPipeline.from_pretrained(args.resume)
         vae, text_encoder, unet, vae_loss = old.vae.eval(), old.text_encoder, old.unet, None
+        pool = latent_pool(vae, rng, args.pool)
+        scale = vae.config.scaling_factor
+    elif args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae, vae_loss = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval(), None
+        text_encoder, unet = build_text_encoder(tok), build_unet()
         pool = latent_pool(vae, rng, args.pool)
         scale = vae.config.scaling_factor
     else:
@@ -191,7 +207,8 @@ def main(argv=None) -> None:
     pipe.save_pretrained(args.out, safe_serialization=True)
     scores = evaluate(pipe, args.eval) if args.eval else {}
     record = {"seed": args.seed, "resumed_from": str(args.resume) if args.resume else None,
-              "vae_steps": 0 if args.resume else args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
+              "vae_from": str(args.vae_from) if args.vae_from else None,
+              "vae_steps": 0 if args.resume or args.vae_from else args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
               "pool": args.pool, "vae_loss": vae_loss, "unet_loss": unet_loss, "vae_seconds": round(t_vae),
               "train_seconds": round(t_train), "held_out": scores, "eval": "20 steps, guidance 5.0, seed 0"}
     C.write_record(args.out, record)
