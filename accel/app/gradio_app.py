@@ -35,7 +35,8 @@ BASE_INPUTS = ("model", "prompt", "negative_prompt", "width", "height", "steps",
 
 
 def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits | None = None,
-              out_dir: str | os.PathLike = "outputs/app", workers: int = 1, allow_model_paths: bool = False):
+              out_dir: str | os.PathLike = "outputs/app", workers: int = 1, allow_model_paths: bool = False,
+              group=None):
     """The web app as a ``gr.Blocks`` (queued; call `serve` or ``.launch`` on it).
 
     Args:
@@ -45,13 +46,14 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
         limits: per-request ceilings (`accel.app.web_limits.Limits`); defaults suit one large GPU.
         out_dir: where outputs, sidecars and configs go; the only folder the server reads files from.
         workers: pipelines to load with a loader; the queue runs one request per pipeline.
+        group: rank 0's `accel.app.web_group.Leader` when a parallel worker group serves the one pipeline.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     import accel
 
-    engine = Engine(pipe_or_loader, model_name, limits=limits, out_dir=out_dir, workers=workers,
+    engine = Engine(pipe_or_loader, model_name, limits=limits, out_dir=out_dir, workers=workers, group=group,
                     allow_model_paths=allow_model_paths)
     lim = engine.limits
     knob_list = knobs(hide=("parallel",))  # multi-process parallelism is `accel generate`'s, not the page's
@@ -312,6 +314,9 @@ def add_parser(subparsers) -> None:
                        help=f"{Limits.field_help()[name]} (default {getattr(Limits(), name)})")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--parallel", default=None, metavar="FIELD=VALUE,...",
+                   help="serve one pipeline on a parallel worker group, e.g. cfg=2 (accel.ParallelConfig): spawns "
+                        "the degrees' product of processes; rank 0 serves the page, the others follow")
     p.set_defaults(func=cmd_app)
 
 
@@ -330,6 +335,18 @@ def cmd_app(args) -> int:
 
     model = args.model or DEFAULT_MODEL
     limits = limits_from_args(args)
+    from .generation import parallel_config
+
+    pcfg = parallel_config(args.parallel)
+    if pcfg is not None and pcfg.world_size > 1:
+        if args.gpus not in (1, pcfg.world_size):
+            raise RuntimeError(f"--gpus {args.gpus}: --parallel {args.parallel} serves one pipeline on "
+                               f"{pcfg.world_size} processes; give --gpus {pcfg.world_size} or leave it out")
+        from ..parallel import spawn
+
+        backend = "gloo" if args.device == "cpu" else pcfg.backend
+        spawn(_app_rank, pcfg.world_size, (args, pcfg, model, limits), backend=backend, timeout_s=pcfg.timeout_s)
+        return 0
     if args.gpus > 1:
         import torch
 
@@ -342,15 +359,43 @@ def cmd_app(args) -> int:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    return _serve_app(args, loader, model, limits, args.gpus)
+
+
+def _app_rank(rank: int, args, pcfg, model: str, limits) -> None:
+    """One process of `accel app --parallel`: rank 0 serves the page, the others follow it."""
+    import accel
+
+    from ..pipelines.load import load
+    from .web_group import Leader, follow, message_group
+
+    group = message_group()
+
+    def loader(name: str, index: int):
+        pipe = load(name, device=args.device, dtype=args.dtype, seed=0)
+        pipe.set_progress_bar_config(disable=True)
+        return accel.parallelize(pipe, pcfg)
+
+    if rank:
+        return follow(loader, model, group)
+    leader = Leader(group)
+    try:
+        _serve_app(args, loader, model, limits, 1, leader)
+    finally:
+        leader.close()
+
+
+def _serve_app(args, loader, model: str, limits, workers: int, group=None) -> int:
     out_dir = Path(args.out_dir)
     from .outputs import check_writable
 
     check_writable(out_dir / "x.png")
-    demo = build_app(loader, model, limits=limits, out_dir=out_dir, workers=args.gpus,
-                     allow_model_paths=args.allow_model_paths)
+    demo = build_app(loader, model, limits=limits, out_dir=out_dir, workers=workers,
+                     allow_model_paths=args.allow_model_paths, group=group)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"accel app: serving on {args.host}: anyone who can reach this address can generate "
               "(limits still apply)")
-    print(f"accel app: {model} on {args.gpus} worker(s); outputs in {out_dir.resolve()}")
+    print(f"accel app: {model} on {workers} worker(s){' (a parallel group)' if group else ''}; "
+          f"outputs in {out_dir.resolve()}")
     serve(demo, args.host, args.port, block=True)
     return 0

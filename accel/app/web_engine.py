@@ -93,11 +93,15 @@ class Engine:
         model_name: the name of the served model, as `accel.pipelines.load.load` takes it.
         workers: how many pipelines to load with a loader (one per GPU group).
         allow_model_paths: let requests name other models (hub ids, folders); off by default.
+        group: on rank 0 of a parallel worker group, its `accel.app.web_group.Leader`: every
+            action on the (one) pipeline is mirrored to the other ranks first.
     """
 
     def __init__(self, pipe_or_loader, model_name: str, *, limits: Limits | None = None,
-                 out_dir: str | Path = "outputs/app", workers: int = 1, allow_model_paths: bool = False):
+                 out_dir: str | Path = "outputs/app", workers: int = 1, allow_model_paths: bool = False,
+                 group=None):
         self.model_name = model_name
+        self.group = group
         self.limits = limits or Limits()
         self.out_dir = Path(out_dir).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,8 +192,10 @@ class Engine:
         pipe = worker.pipe
         result = Result(mode=mode, seed=req.seed, outputs=[])
         if mode == "compare":
+            self._mirror("remove")
             accel.remove(pipe)  # the baseline is the pipeline exactly as loaded
             base, result.seconds["baseline"], _ = self._call(worker, req, "baseline", on_step, cancel)
+        self._mirror("apply", config.to_dict())
         try:
             accel.apply(pipe, config)
         except ValueError as e:  # ConfigError, UnsupportedModelError: the user picks another setting
@@ -205,27 +211,25 @@ class Engine:
         self._save(worker, req, config, kw, frames, result, base if mode == "compare" else None)
         return result
 
+    def _mirror(self, *message) -> None:
+        if self.group is not None:
+            self.group.send(*message)
+
     def _call(self, worker: Worker, req: Request, phase: str, on_step, cancel):
-        from ..pipelines.call import accepted, call_kwargs
-        from .generation import generation_defaults
+        from ..pipelines.call import accepted
 
         pipe = worker.pipe
-        kw = call_kwargs(pipe, prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
-                         height=req.height, width=req.width, frames=req.frames if worker.video else None,
-                         guidance=req.guidance, seed=req.seed, defaults=generation_defaults(worker.model))
-        names = accepted(pipe)
-        if req.batch > 1:
-            per_prompt = next((n for n in ("num_images_per_prompt", "num_videos_per_prompt") if n in names), None)
-            if per_prompt is None:
-                raise InputError(f"batch: {type(pipe).__name__} makes one output per prompt; set batch to 1")
-            kw[per_prompt] = req.batch
+        kw = request_kwargs(pipe, worker.model, worker.video, req)
         total = int(kw.get("num_inference_steps") or 0)
         done = [0]
-        if "callback_on_step_end" in names:
+        watch = "callback_on_step_end" in accepted(pipe)
+        self._mirror("call", req, watch)
+        if watch:
             def step_end(p, i, t, tensors):
                 done[0] = i + 1
                 on_step(phase, i + 1, total)
-                if cancel.is_set():
+                stop = cancel.is_set() if self.group is None else self.group.step(cancel.is_set())
+                if stop:
                     p._interrupt = True  # diffusers skips the remaining steps
                 return {}
 
@@ -253,6 +257,7 @@ class Engine:
                              "load others; start it with `accel app --model ...` instead")
         from ..pipelines.load import ModelLoadError
 
+        self._mirror("model", model)
         worker.pipe = None  # free the old one before loading the next
         _empty_cache()
         error = None
@@ -288,6 +293,23 @@ class Engine:
                 result.sidecars.append(outputs.sidecar_path(path))
                 if not label and i == 0:
                     result.record = record
+
+
+def request_kwargs(pipe, model: str, video: bool, req: Request) -> dict:
+    """The pipeline call for ``req`` (a seeded generator included); the same on every rank of a group."""
+    from ..pipelines.call import accepted, call_kwargs
+    from .generation import generation_defaults
+
+    kw = call_kwargs(pipe, prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
+                     height=req.height, width=req.width, frames=req.frames if video else None,
+                     guidance=req.guidance, seed=req.seed, defaults=generation_defaults(model))
+    if req.batch > 1:
+        names = accepted(pipe)
+        per_prompt = next((n for n in ("num_images_per_prompt", "num_videos_per_prompt") if n in names), None)
+        if per_prompt is None:
+            raise InputError(f"batch: {type(pipe).__name__} makes one output per prompt; set batch to 1")
+        kw[per_prompt] = req.batch
+    return kw
 
 
 def _off():
