@@ -75,13 +75,15 @@ class FrameCheckHook(ModelHook):
         f, h, w = self.adapter.grid(bind_inputs(module, args, kwargs))
         p = self.degree
         if f % p:
-            lo, hi = max(p, f - f % p), f - f % p + p
+            pt = _temporal_patch(module.config)
+            lo, hi = max(p, f - f % p) * pt, (f - f % p + p) * pt
             hint = ""
             if self.temporal_factor:  # latent frames -> num_frames through the VAE's temporal compression
                 hint = (f" (num_frames={(lo - 1) * self.temporal_factor + 1} or "
                         f"{(hi - 1) * self.temporal_factor + 1} with this pipeline)")
+            frames = f"{f} latent frames" if pt == 1 else f"{f} frames of tokens (latent frames / {pt})"
             raise ParallelError(
-                f"parallel.clip: the video has {f} latent frames, which do not split into {p} equal clips; use "
+                f"parallel.clip: the video has {frames}, which do not split into {p} equal clips; use "
                 f"{lo} or {hi} latent frames{hint}, or a clip degree that divides {f}")
         self.geometry.frames, self.geometry.frame_tokens = f, h * w
         return args, kwargs
@@ -150,6 +152,14 @@ class DualScope(ParallelProcessor):
         _guard(lambda: dist.all_gather(parts, mine, group=g), "clip global-token all-gather")
         self._count("clip_kv_bytes", mine, p - 1)
         return [x for i, x in enumerate(parts) if i != r]
+
+
+def _temporal_patch(config) -> int:
+    """Latent frames per token frame: Wan's ``patch_size[0]``, CogVideoX 1.5's / LTX's ``patch_size_t``."""
+    pt = getattr(config, "patch_size_t", None)
+    if pt is None and isinstance(getattr(config, "patch_size", None), (tuple, list)):
+        pt = config.patch_size[0]
+    return int(pt or 1)
 
 
 def _temporal_factor(pipe) -> int | None:
