@@ -6,23 +6,17 @@ level (CFG parallelism is exact up to fp32 round-off); Stop after step 1 of 3 st
 the same step (no hang), and the group serves the next request (a compare) normally.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers.spawned import run_checks
 
 HERE = os.path.dirname(__file__)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("web_group") / "results.json"
-    p = subprocess.run([sys.executable, os.path.join(HERE, "web_group_checks.py"), str(path)], capture_output=True,
-                       text=True, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return json.loads(path.read_text())
+    return run_checks(os.path.join(HERE, "web_group_checks.py"), tmp_path_factory.mktemp("web_group"))
 
 
 def test_group_engine_writes_the_single_process_image(results):

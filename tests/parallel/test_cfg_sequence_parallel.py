@@ -6,12 +6,10 @@ steps). Tolerance as in test_strategies: ``EXACT`` max abs on images in [0, 1] (
 with diffusers' context parallelism, 0.0 with our Ulysses).
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers.spawned import run_checks
 
 EXACT = 1e-4
 HERE = os.path.dirname(__file__)
@@ -19,11 +17,7 @@ HERE = os.path.dirname(__file__)
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg_sequence") / "results.json"
-    p = subprocess.run([sys.executable, os.path.join(HERE, "cfg_sequence_checks.py"), str(path)],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return json.loads(path.read_text())
+    return run_checks(os.path.join(HERE, "cfg_sequence_checks.py"), tmp_path_factory.mktemp("cfg_sequence"))
 
 
 @pytest.mark.parametrize("label, backend", [("cfg_sequence", "sequence:diffusers"),

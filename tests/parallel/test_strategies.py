@@ -8,12 +8,10 @@ are set under the PSNR measured on this machine (sd15 async 44.5 dB, stale_gn 29
 74 dB at 3 steps, 1 warmup step).
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers.spawned import run_checks
 
 EXACT = 1e-4
 HERE = os.path.dirname(__file__)
@@ -21,11 +19,7 @@ HERE = os.path.dirname(__file__)
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parallel") / "results.json"
-    p = subprocess.run([sys.executable, os.path.join(HERE, "group_checks.py"), str(path)], capture_output=True,
-                       text=True, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return json.loads(path.read_text())
+    return run_checks(os.path.join(HERE, "group_checks.py"), tmp_path_factory.mktemp("parallel"))
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "wan", "cogvideox"])

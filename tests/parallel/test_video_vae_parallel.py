@@ -7,12 +7,10 @@ frame), so the only differences allowed are fp32 round-off: ``EXACT`` max abs on
 magnitude ~1 (measured: Wan 0.0, CogVideoX 2.9e-6, LTX 1.7e-6).
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers.spawned import run_checks
 
 EXACT = 1e-4
 HERE = os.path.dirname(__file__)
@@ -20,11 +18,7 @@ HERE = os.path.dirname(__file__)
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("video_vae") / "results.json"
-    p = subprocess.run([sys.executable, os.path.join(HERE, "video_vae_checks.py"), str(path)], capture_output=True,
-                       text=True, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return json.loads(path.read_text())
+    return run_checks(os.path.join(HERE, "video_vae_checks.py"), tmp_path_factory.mktemp("video_vae"))
 
 
 @pytest.mark.parametrize("family", ["wan", "cogvideox", "ltx"])
