@@ -1,4 +1,4 @@
-"""The clip-parallel checks one spawned gloo group runs; each rank writes ``<path>.<rank>``.
+"""The clip-parallel checks one spawned gloo group runs; rank 0 writes every rank's results (a list).
 
 ``python clip_checks.py PATH`` runs the 2-rank checks (clip=2), ``python clip_checks.py PATH cfg``
 the 4-rank composition with CFG parallelism (cfg=2 x clip=2). Videos are compared in latent
@@ -132,8 +132,7 @@ def run(rank: int, path: str) -> None:
             "kv_bytes_dual": stats_dual.get("clip_kv_bytes", 0), "gather_bytes": stats_dual.get("gather_bytes", 0),
             "strategies": stats_dual.get("strategies"), "odd_frames_error": odd,
         }
-    with open(f"{path}.{rank}", "w") as f:
-        json.dump(results, f, indent=1)
+    _write(path, results)
 
 
 def run_cfg(rank: int, path: str) -> None:
@@ -147,9 +146,16 @@ def run_cfg(rank: int, path: str) -> None:
     out = call(pipe, "wan", latents, steps=2)
     stats = parallel_stats(pipe)
     unparallelize(pipe)
-    with open(f"{path}.{rank}", "w") as f:
-        json.dump({"max_abs": float((out - full).abs().max()), "cfg_gathers": stats.get("cfg_gathers", 0),
-                   "clip_kv_bytes": stats.get("clip_kv_bytes", 0), "strategies": stats.get("strategies")}, f)
+    _write(path, {"max_abs": float((out - full).abs().max()), "cfg_gathers": stats.get("cfg_gathers", 0),
+                  "clip_kv_bytes": stats.get("clip_kv_bytes", 0), "strategies": stats.get("strategies")})
+
+
+def _write(path: str, mine: dict) -> None:
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    if torch.distributed.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(everyone, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,33 +15,23 @@ tests assert on them. Latent videos of 4 latent frames (2 per clip), fp32 tiny p
   improved); the test asks for at least a 1.3x reduction and a lower whole-video error.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers.spawned import run_checks
 
 import accel
 from accel.parallel import ParallelConfig, ParallelError, check, parallelize
 
 EXACT = 1e-4
 HERE = os.path.dirname(__file__)
+SCRIPT = os.path.join(HERE, "clip_checks.py")
 FAMILIES = ("wan", "cogvideox", "ltx")
-
-
-def _group(tmp_path_factory, *extra) -> list[dict]:
-    path = tmp_path_factory.mktemp("clip") / "results.json"
-    p = subprocess.run([sys.executable, os.path.join(HERE, "clip_checks.py"), str(path), *extra],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    ranks = 4 if extra else 2
-    return [json.loads(open(f"{path}.{r}").read()) for r in range(ranks)]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return _group(tmp_path_factory)
+    return run_checks(SCRIPT, tmp_path_factory.mktemp("clip"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -79,7 +69,7 @@ def test_frames_that_do_not_split_into_equal_clips_say_what_to_use(results):
 
 
 def test_clip_composes_with_cfg_parallel(tmp_path_factory):
-    ranks = _group(tmp_path_factory, "cfg")  # 4 processes: cfg=2 x clip=2, whole-clip neighbour scope
+    ranks = run_checks(SCRIPT, tmp_path_factory.mktemp("clip_cfg"), "cfg")  # 4 processes: cfg=2 x clip=2
     for r in ranks:
         assert r["strategies"] == ["cfg", "clip"]
         assert r["max_abs"] <= EXACT
