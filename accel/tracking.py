@@ -137,6 +137,9 @@ class StepTracker:
         if self._call_t0 is not None:
             self.timings["denoise_s"] = time.perf_counter() - self._call_t0
 
+    # Host-side bookkeeping: kept out of torch.compile graphs, where dynamo would specialise on the
+    # counters and recompile at every step and call.
+    @torch.compiler.disable
     def _before_forward(self, adapter: Adapter, inputs: dict) -> None:
         s = self.state
         t = inputs.get("timestep")
@@ -191,6 +194,7 @@ class StepTracker:
         half = x.shape[0] // 2
         return bool(torch.equal(x[:half], x[half:]))
 
+    @torch.compiler.disable
     def _after_forward(self) -> None:
         self.state.call_in_step += 1
         self.timings["denoiser_forwards"] += 1

@@ -65,14 +65,24 @@ class BlockCache:
             ledger.add_hook(block, _SpanHook(self, block, first=i == 0, last=i == last), HOOK_SPAN)
 
     # --- decision ---------------------------------------------------------------------------
+    @torch.compiler.disable  # host-side counters: no graph specialised on them
     def begin_forward(self) -> None:
         key = state_key(self.tracker.state)
         self.current = (key, self.streams.begin(key))
 
+    # Everything that reads or writes the per-stream state runs on the host, outside torch.compile
+    # graphs (each is a graph break): dynamo would otherwise replay these dict mutations against the
+    # state it saw when tracing, and specialise graphs on the step counters.
     @torch.compiler.disable
-    def decide(self, probe: torch.Tensor | None) -> None:
+    def keep(self, name: str, value) -> None:
+        self.current[1].data[name] = value
+
+    @torch.compiler.disable
+    def decide(self, hidden: torch.Tensor | None) -> None:
+        """Reuse decision for the forward in flight; ``hidden``: the probe blocks' output (threshold)."""
         key, st = self.current
         cfg = self.cfg
+        probe = None if hidden is None else hidden - st.data.pop("h0")
         ready = "res" in st.data and st.step >= cfg.warmup_steps
         if not ready:
             reuse = False
@@ -92,6 +102,25 @@ class BlockCache:
         self.streams.count(self.part, key, reuse)
 
     # --- residual of the span -----------------------------------------------------------------
+    @torch.compiler.disable
+    def span_done(self, h_out: torch.Tensor, e_out: torch.Tensor | None) -> None:
+        """A full step's span ran: keep its residual (output minus the input kept by `keep`)."""
+        key, st = self.current
+        h_in, e_in = st.data.pop("span_in")
+        e_res = None if e_out is None or e_in is None else e_out - e_in
+        self.store(st, (h_out - h_in, e_res))
+        if self.streams.trace is not None:
+            self.streams.record(key, st.step, "store", fingerprint(h_out - h_in))
+
+    @torch.compiler.disable
+    def residual(self) -> tuple:
+        """The residual a reused step adds (plain or Taylor-extrapolated)."""
+        key, st = self.current
+        res = self.predicted(st)
+        if self.streams.trace is not None:
+            self.streams.record(key, st.step, "reuse", fingerprint(res[0]))
+        return res
+
     def store(self, st, res: tuple) -> None:
         """Keep the span's residual of a full step, with its Taylor factors when asked for."""
         order = self.cfg.taylor_order
@@ -134,7 +163,7 @@ class _ProbeStart(ModelHook):
         self.cache = cache
 
     def pre_forward(self, module, *args, **kwargs):
-        self.cache.current[1].data["h0"] = bind_inputs(module, args, kwargs)["hidden_states"]
+        self.cache.keep("h0", bind_inputs(module, args, kwargs)["hidden_states"])
         return args, kwargs
 
 
@@ -145,12 +174,10 @@ class _ProbeEnd(ModelHook):
         self.io = block_io(cache.first[-1][1])
 
     def post_forward(self, module, output):
-        probe = None
+        hidden = None
         if self.cache.cfg.threshold > 0:
-            st = self.cache.current[1]
             hidden = output[self.io[0]] if isinstance(output, tuple) else output
-            probe = hidden - st.data.pop("h0")
-        self.cache.decide(probe)
+        self.cache.decide(hidden)
         return output
 
 
@@ -165,30 +192,22 @@ class _SpanHook(ModelHook):
         self.layout = _UNSEEN
 
     def new_forward(self, module, *args, **kwargs):
-        key, st = self.cache.current
         inputs = bind_inputs(module, args, kwargs)
         hidden, encoder = inputs["hidden_states"], inputs.get("encoder_hidden_states")
-        if not st.reuse or self.layout is _UNSEEN:
+        if not self.cache.current[1].reuse or self.layout is _UNSEEN:
             if self.first:
-                st.data["span_in"] = (hidden, encoder)
+                self.cache.keep("span_in", (hidden, encoder))
             output = self.fn_ref.original_forward(*args, **kwargs)
             self.layout = (len(output), self.io[1] is None or output[self.io[1]] is None) \
                 if isinstance(output, tuple) else None
             if self.last:
-                h_out, e_out = self._split(output)
-                h_in, e_in = st.data.pop("span_in")
-                e_res = None if e_out is None or e_in is None else e_out - e_in
-                self.cache.store(st, (h_out - h_in, e_res))
-                if self.cache.streams.trace is not None:
-                    self.cache.streams.record(key, st.step, "store", fingerprint(h_out - h_in))
+                self.cache.span_done(*self._split(output))
             return output
         if self.last:
-            h_res, e_res = self.cache.predicted(st)
+            h_res, e_res = self.cache.residual()
             hidden = hidden + h_res
             if e_res is not None and encoder is not None:
                 encoder = encoder + e_res
-            if self.cache.streams.trace is not None:
-                self.cache.streams.record(key, st.step, "reuse", fingerprint(h_res))
         return self._join(hidden, encoder)
 
     def _split(self, output):

@@ -101,6 +101,7 @@ class DeepCache:
         for m in self.interior:
             ledger.add_hook(m, _InteriorHook(self, feeder=m is self.feeder), HOOK_DEEP)
 
+    @torch.compiler.disable  # host-side counters: no graph specialised on them
     def begin_forward(self) -> None:
         key = state_key(self.tracker.state)
         st = self.streams.begin(key)
@@ -109,6 +110,14 @@ class DeepCache:
         self.streams.count(self.part, key, reuse)
         self.streams.record(key, st.step, "reuse" if reuse else "full")
         self.current = (key, st)
+
+
+    @torch.compiler.disable  # state writes stay on the host, out of torch.compile graphs
+    def keep(self, module, output, feeder: bool) -> None:
+        st = self.current[1]
+        if feeder:
+            st.data["feature"] = output
+        st.data.setdefault("shapes", {})[id(module)] = _shape_of(output)
 
 
 class _InteriorHook(ModelHook):
@@ -123,9 +132,8 @@ class _InteriorHook(ModelHook):
                 return st.data["feature"]
             return _placeholder(st.data["shapes"][id(module)])
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.feeder:
-            st.data["feature"] = output
-        st.data.setdefault("shapes", {})[id(module)] = _shape_of(output)
+        if self.feeder or id(module) not in st.data.get("shapes", ()):  # a graph break: only when needed
+            self.cache.keep(module, output, self.feeder)
         return output
 
 
