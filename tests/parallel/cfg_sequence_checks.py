@@ -3,7 +3,8 @@
 - cfg=2 x sequence=2 on tiny Flux with true CFG (two denoiser calls per step), with diffusers'
   context parallelism (Flux has ``_cp_plan``) and with our Ulysses;
 - ``replicas=2`` x cfg=2: the world holds two copies of the pipeline on ranks {0,1} and {2,3},
-  each running its own prompt (the batch driver's group of ranks per image).
+  each running its own prompt (the batch driver's group of ranks per image);
+- cfg=2 x clip=2 on tiny Wan (`clip_checks.cfg_clip`: one 4-process group for all of them).
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def run(rank: int, path: str) -> None:
                            "other_max_abs": [float(g[1]) for g in gathered],
                            "cfg_gathers": [int(g[2]) for g in gathered]}
     results["restored_max_abs"] = float(np.abs(_images(pipe, prompt=PROMPTS[0]) - refs[0]).max())
+    import clip_checks  # beside this script
+
+    everyone = [None] * 4
+    torch.distributed.all_gather_object(everyone, clip_checks.cfg_clip(rank))
+    results["cfg_clip"] = everyone
     if rank == 0:
         with open(path, "w") as f:
             json.dump(results, f, indent=1, default=str)

@@ -1,7 +1,7 @@
 """The clip-parallel checks one spawned gloo group runs; rank 0 writes every rank's results (a list).
 
-``python clip_checks.py PATH`` runs the 2-rank checks (clip=2), ``python clip_checks.py PATH cfg``
-the 4-rank composition with CFG parallelism (cfg=2 x clip=2). Videos are compared in latent
+``python clip_checks.py PATH`` runs the 2-rank checks (clip=2); `cfg_clip`, the 4-rank composition
+with CFG parallelism (cfg=2 x clip=2), runs in `cfg_sequence_checks`' 4-rank group. Videos are compared in latent
 space (``output_type="latent"``): the VAE decode is the same on every path. The whole video has
 ``FRAMES`` latent frames, each clip ``FRAMES // 2``.
 """
@@ -135,8 +135,9 @@ def run(rank: int, path: str) -> None:
     _write(path, results)
 
 
-def run_cfg(rank: int, path: str) -> None:
-    """cfg=2 x clip=2 on 4 ranks equals clip=2 alone's rule: the whole video, one process (wan)."""
+def cfg_clip(rank: int) -> dict:
+    """cfg=2 x clip=2 on 4 ranks (run from `cfg_sequence_checks`, which has the 4-rank group): with a
+    neighbour scope over the whole other clip it equals the whole video in one process (wan)."""
     from accel.pipelines import tiny
 
     pipe = tiny.make("wan")
@@ -146,8 +147,8 @@ def run_cfg(rank: int, path: str) -> None:
     out = call(pipe, "wan", latents, steps=2)
     stats = parallel_stats(pipe)
     unparallelize(pipe)
-    _write(path, {"max_abs": float((out - full).abs().max()), "cfg_gathers": stats.get("cfg_gathers", 0),
-                  "clip_kv_bytes": stats.get("clip_kv_bytes", 0), "strategies": stats.get("strategies")})
+    return {"max_abs": float((out - full).abs().max()), "cfg_gathers": stats.get("cfg_gathers", 0),
+            "clip_kv_bytes": stats.get("clip_kv_bytes", 0), "strategies": stats.get("strategies")}
 
 
 def _write(path: str, mine: dict) -> None:
@@ -161,7 +162,4 @@ def _write(path: str, mine: dict) -> None:
 if __name__ == "__main__":
     from accel.parallel import spawn
 
-    if sys.argv[2:] == ["cfg"]:
-        spawn(run_cfg, 4, (sys.argv[1],), backend="gloo", timeout_s=120)
-    else:
-        spawn(run, 2, (sys.argv[1],), backend="gloo", timeout_s=120)
+    spawn(run, 2, (sys.argv[1],), backend="gloo", timeout_s=120)

@@ -38,3 +38,10 @@ def test_two_copies_of_a_cfg_pipeline_each_make_their_own_image(results):
 
 def test_unparallelize_restores_bitwise(results):
     assert results["restored_max_abs"] == 0.0
+
+
+def test_clip_composes_with_cfg_parallel(results):
+    for r in results["cfg_clip"]:  # 4 processes: cfg=2 x clip=2 (tiny Wan, clip_checks.cfg_clip)
+        assert r["strategies"] == ["cfg", "clip"]
+        assert r["max_abs"] <= EXACT
+        assert r["cfg_gathers"] == 2 and r["clip_kv_bytes"] > 0
