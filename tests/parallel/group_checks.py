@@ -6,6 +6,8 @@ strategies runs inside one group, and each test asserts on its recorded numbers.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import sys
 
@@ -49,7 +51,7 @@ def run(rank: int, path: str) -> None:
     results, pipes = {}, {}
     for name, overrides, configs in CASES:
         pipe = pipes.setdefault(name, tiny.make(name))
-        kw = lambda: tiny.example_inputs(name, **{"num_inference_steps": STEPS, **overrides})  # noqa: E731
+        kw = functools.partial(tiny.example_inputs, name, **{"num_inference_steps": STEPS, **overrides})
         ref = _frames(pipe(**kw()))
         for label, cfg in configs:
             accel.parallelize(pipe, ParallelConfig(**cfg))
