@@ -77,5 +77,29 @@ class TokenConfig(ConfigBase):
         return self.ratio + (self.ratio_end - self.ratio) * w
 
 
-# Filled from benchmarks/bench_tokens.py (BENCHMARKS.md "## Token merging").
-PRESETS: dict = {}
+# From benchmarks/bench_tokens.py, BENCHMARKS.md "## Token merging" (2-core CPU, random weights
+# with sharpened attention; PSNR of the denoiser's total update against the baseline's). Rule, per
+# family group, over the rows of that table:
+#   safe     = the highest-PSNR row that is at least 1.3x faster,
+#   balanced = the fastest row at PSNR >= 35 dB,
+#   fast     = the fastest row at PSNR >= 30 dB (the same as balanced where no faster row was measured).
+# UNets (SD1.5 table, 512 and 1024 px): merge 0.3 / 0.5 (tomesd's placement). PROVISIONAL.
+# Image DiTs (Wan-shaped table, 4096 tokens): prune 0.5 43.6 dB 1.48x; prune 0.75 41.5 dB 1.84x;
+# merge 0.5 35.4 dB 1.81x; merge 0.3 39.0 dB 1.37x; kv_downsample 0.75 33.9 dB 1.19x.
+# Video DiTs: the same table without prune, whose per-block cache (input and update of every
+# token, per CFG branch) is ~12 GB in bf16 for Wan 1.3B at 480p x 81 frames: merge only.
+_UNETS = ("sd15", "sdxl", "animatediff")
+_VIDEO_DITS = ("cogvideox", "wan", "ltx", "hunyuanvideo")
+
+
+def _per_family(unet: dict, dit: dict, video_dit: dict) -> dict:
+    # SDXL has no attention at the top level: its first attention level is 2x down
+    return {"*": dit, **{f: dict(unet) for f in _UNETS}, "sdxl": {**unet, "max_downsample": 2},
+            **{f: dict(video_dit) for f in _VIDEO_DITS}}
+
+
+PRESETS: dict = {
+    "safe": _per_family({"ratio": 0.3}, {"ratio": 0.5, "method": "prune"}, {"ratio": 0.3}),
+    "balanced": _per_family({"ratio": 0.5}, {"ratio": 0.75, "method": "prune"}, {"ratio": 0.5}),
+    "fast": _per_family({"ratio": 0.5}, {"ratio": 0.75, "method": "prune"}, {"ratio": 0.5}),
+}

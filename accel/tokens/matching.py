@@ -64,7 +64,7 @@ class Windows:
 
     def __init__(self, grid: tuple[int, int, int], window: tuple[int, int, int], device):
         f, h, w = grid
-        st, sy, sx = (max(1, min(a, b)) for a, b in zip(window, grid))
+        st, sy, sx = (max(1, min(a, b)) for a, b in zip(window, grid, strict=True))
         self.grid, self.window = (f, h, w), (st, sy, sx)
         self.counts_axis = (-(-f // st), -(-h // sy), -(-w // sx))
         ff, hh, ww = torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
@@ -88,7 +88,8 @@ class Windows:
             u = torch.rand(3, self.n_windows, generator=generator).to(self.window_id.device)
             picks = [(u[i] * s).long() for i, s in enumerate(self.sizes)]
         wid = self.window_id
-        return (self.offsets[0] == picks[0][wid]) & (self.offsets[1] == picks[1][wid]) & (self.offsets[2] == picks[2][wid])
+        off = self.offsets
+        return (off[0] == picks[0][wid]) & (off[1] == picks[1][wid]) & (off[2] == picks[2][wid])
 
 
 def _from_groups(rep: torch.Tensor, kept: torch.Tensor, dtype) -> Merge:

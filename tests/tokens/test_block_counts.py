@@ -7,9 +7,9 @@ the reduced length) or a merged query under ``kv_downsample`` fails here.
 
 import pytest
 import torch
+from helpers.snapshot import run
 
 import accel
-from helpers.snapshot import run
 
 RATIO = 0.5
 

@@ -4,17 +4,17 @@ import importlib.util
 
 import numpy as np
 import pytest
+from helpers.snapshot import run, state_of
 
 import accel
 from accel.eval.metrics import psnr
-from helpers.snapshot import run, state_of
 
 
 @pytest.mark.parametrize("name,cache", [
     ("sd15", {"method": "deepcache", "interval": 2}),
     ("flux", {"method": "block", "threshold": 0.5}),
 ])
-@pytest.mark.parametrize("method", ["merge", "prune"])
+@pytest.mark.parametrize("method", ["merge", "kv_downsample", "prune"])
 def test_with_step_cache_at_the_same_time(tiny_cache, name, cache, method):
     pipe = tiny_cache(name)
     base = run(pipe, name, num_inference_steps=4)

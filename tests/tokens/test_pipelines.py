@@ -8,13 +8,12 @@ BENCHMARKS.md measures.
 
 import numpy as np
 import pytest
-import torch
+from helpers.snapshot import run, state_of
 
 import accel
 from accel.eval.metrics import psnr
 from accel.pipelines import tiny
 from accel.tokens.config import TokenConfig
-from helpers.snapshot import run, state_of
 
 STEPS = 3
 FLOOR_DB = 25.0

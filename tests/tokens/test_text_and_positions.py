@@ -5,13 +5,12 @@ pre-hooks at the first merged block of the first step (where inputs are still id
 unmerged run's).
 """
 
-import pytest
 import torch
+from helpers.snapshot import run
 
 import accel
 from accel.families import bind_inputs
 from accel.tokens import matching
-from helpers.snapshot import run
 
 
 def _capture(module, store):

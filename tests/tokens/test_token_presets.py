@@ -1,0 +1,64 @@
+"""The token part of the presets: defined for every family, composed with the cache part, applied
+to tiny pipelines with a fidelity floor.
+
+Floors are PSNR against the same pipeline's unaccelerated output (same seed) on tiny
+random-weight models, token part alone: ``FLOOR_DB`` per preset. The whole preset (cache and
+tokens stacked) must stay above ``STACKED_FLOOR_DB``. BENCHMARKS.md "## Token merging" has the
+full-size numbers the presets were chosen from.
+"""
+
+import numpy as np
+import pytest
+from helpers.snapshot import run, state_of
+
+import accel
+from accel.config import Config
+from accel.eval.metrics import psnr
+from accel.families import FAMILIES
+from accel.tokens.config import PRESETS, TokenConfig
+
+FLOOR_DB = {"safe": 40.0, "balanced": 35.0, "fast": 30.0}  # measured: 45-61 dB at these presets
+STACKED_FLOOR_DB = 20.0
+STEPS = 4
+
+
+@pytest.mark.parametrize("level", ["safe", "balanced", "fast"])
+def test_every_family_has_an_enabled_token_preset_composed_with_the_cache(level):
+    assert set(FLOOR_DB) <= set(PRESETS), "a preset level lost its token settings"
+    for family in FAMILIES:
+        cfg = accel.preset(level, family)
+        assert cfg.tokens.enabled, (level, family)
+        fields = PRESETS[level].get(family, PRESETS[level]["*"])
+        assert cfg.tokens == TokenConfig(**fields)
+        assert cfg.cache.enabled, f"{level}/{family}: the cache part is gone from the composed preset"
+    # UNets whose top level has no attention (SDXL) must reach the level that has it
+    assert accel.preset("balanced", "sdxl").tokens.max_downsample >= 2
+
+
+@pytest.mark.parametrize("name,level", [(n, lv) for n in ("sd15", "wan") for lv in ("safe", "balanced", "fast")]
+                         + [("sdxl", "balanced"), ("flux", "balanced")])
+def test_token_preset_reduces_tokens_above_its_floor(tiny_cache, name, level):
+    pipe = tiny_cache(name)
+    base = run(pipe, name, num_inference_steps=STEPS)
+    tokens_only = Config(tokens=accel.preset(level, name).tokens)
+    with accel.applied(pipe, tokens_only):
+        out = run(pipe, name, num_inference_steps=STEPS)
+        stats = accel.stats(pipe)["tokens"]
+    assert stats["realised_ratio"] > 0.05, stats
+    got = psnr(base, out)
+    assert got > FLOOR_DB[level], f"{name} {level}: {got:.1f} dB <= {FLOOR_DB[level]} dB"
+
+
+@pytest.mark.parametrize("name", ["sd15", "flux"])
+def test_whole_preset_applies_cache_and_tokens_and_removes_cleanly(tiny_cache, name):
+    pipe = tiny_cache(name)
+    base = run(pipe, name, num_inference_steps=STEPS)
+    before = state_of(pipe)
+    with accel.applied(pipe, "balanced"):
+        out = run(pipe, name, num_inference_steps=STEPS)
+        stats = accel.stats(pipe)
+    assert stats["tokens"]["realised_ratio"] > 0.05, stats["tokens"]
+    assert stats["cache"], "the cache part of the preset did nothing"
+    assert psnr(base, out) > STACKED_FLOOR_DB
+    assert state_of(pipe) == before
+    assert np.array_equal(run(pipe, name, num_inference_steps=STEPS), base)
