@@ -19,6 +19,7 @@ baseline's median (>1 is faster) and PSNR/SSIM of the output against the baselin
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -125,9 +126,9 @@ def table(title, rows, notes):
 def run_rows(pipe, kwargs, repeats, variants):
     pipe(**kwargs, generator=torch.Generator().manual_seed(0))  # untimed warm-up: first-call set-up costs
     rows = []
-    for name, setup, teardown in variants:
+    for name, setup, teardown, *own in variants:  # own: a separate pipeline copy for a peer that patches
         try:
-            t, wall, out, st = measure(pipe, kwargs, repeats, setup, teardown)
+            t, wall, out, st = measure(own[0] if own else pipe, kwargs, repeats, setup, teardown)
             rows.append((name, t, wall, out, st, None))
             print(f"  done {name}: {t:.2f} CPU s, {compare(rows[0][3], out)}", file=sys.stderr, flush=True)
         except Exception as e:  # a peer that cannot run here is reported, not fatal
@@ -186,27 +187,30 @@ def bench_flux(args):
 
         return (setup, teardown)
 
+    # para-attn patches the transformer and the pipeline class and can fail mid-call: it runs on its own
+    # copy of the pipeline (same weights), so a failure there cannot leave the other rows' model patched.
+    para_pipe = copy.deepcopy(pipe)
+
     def para_attn_fbc(th):
         state = {}
 
         def setup():
             from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_pipe
 
-            state["forward"] = pipe.transformer.forward
-            state["call"] = type(pipe).__call__
-            apply_cache_on_pipe(pipe, residual_diff_threshold=th)
+            state["call"] = type(para_pipe).__call__
+            apply_cache_on_pipe(para_pipe, residual_diff_threshold=th)
 
         def teardown():
-            # para-attn patches the transformer's forward and the pipeline class's __call__.
-            pipe.transformer.__dict__.pop("forward", None)
-            type(pipe).__call__ = state["call"]
+            para_pipe.transformer.__dict__.pop("forward", None)
+            type(para_pipe).__call__ = state["call"]
 
-        return (setup, teardown)
+        return (setup, teardown, para_pipe)
 
     variants = [("baseline", None, None)]
     for th in args.thresholds:
         variants.append((f"ours block threshold={th}", *ours(pipe, dict(method="block", threshold=th))))
         variants.append((f"peer diffusers FirstBlockCache threshold={th}", *diffusers_fbc(th)))
+    for th in args.thresholds:
         variants.append((f"peer para-attn FBCache threshold={th}", *para_attn_fbc(th)))
     th = args.thresholds[-1]
     variants.append((f"ours block threshold={th} warmup=2 taylor=1",
@@ -241,7 +245,7 @@ def main(argv=None):
     ap.add_argument("--flux-px", type=int, default=128)
     ap.add_argument("--flux-steps", type=int, default=20)
     ap.add_argument("--intervals", type=int, nargs="+", default=[3, 5])
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.4, 0.5, 0.6])
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats, args.unet_steps, args.flux_steps, args.unet_px, args.flux_px = 1, 6, 6, 128, 128

@@ -1,0 +1,289 @@
+"""Per-family sweep of step-cache settings: the table the cache presets are read from.
+
+For every family it runs the uncached pipeline and a grid of cache settings side by side (round-robin
+over repeats, so the machine's load drift hits every row alike), and prints one table per family:
+the median CPU time of the denoiser's forwards (the part a step cache can save) and of the whole
+call, their ratios to the baseline, the hit rate (reused / all denoiser forwards), and PSNR/SSIM of
+the output against the uncached output of the same seed. Then it applies the preset rule
+(`pick`) and prints the resulting ``PRESETS`` rows.
+
+Models: the tiny pipelines of `accel.pipelines.tiny` with the DiT families' transformers rebuilt
+at reduced depth (8 blocks: a 1-2 block stack leaves nothing worth caching), random weights;
+``--ref-sd PATH`` adds a trained SD1.5-layout pipeline (ref-sd, trained on procedural shapes),
+whose row is preferred for ``sd15`` since random weights misstate how much features move.
+
+    python benchmarks/tune_cache.py                       # all families (~10 min on 2 cores)
+    python benchmarks/tune_cache.py --families flux wan --quick
+    python benchmarks/tune_cache.py --ref-sd /path/to/ref-sd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import accel  # noqa: E402
+from accel.eval.metrics import compare  # noqa: E402
+from accel.pipelines import tiny  # noqa: E402
+from accel.pipelines.call import to_frames  # noqa: E402
+
+UNETS = ("sd15", "sdxl", "animatediff")
+DITS = ("flux", "sd3", "pixart", "cogvideox", "wan", "ltx", "hunyuanvideo")
+# Transformer depth for the sweep; dual-stream families keep 2 joint blocks before the single ones.
+DEPTH = {"flux": {"num_layers": 2, "num_single_layers": 6},
+         "hunyuanvideo": {"num_layers": 2, "num_single_layers": 6}}
+DEFAULT_DEPTH = {"num_layers": 8}
+
+# The preset rule: a tier's setting is the fastest one (median denoiser CPU time) whose PSNR against
+# the uncached output is at least the tier's floor; settings within SPEED_TIE of the fastest count as
+# equally fast (this machine's noise) and the one with the higher PSNR among them wins. The floors
+# hold for trained weights; random weights change the output less per skipped step (their features
+# are noise-like and the random VAE flattens the image), so on random-weight models every floor is
+# raised by the measured offset between the random and the trained SD1.5-layout UNet on the same
+# grid (median PSNR difference, `random_offset`; RANDOM_OFFSET when the trained model is not run).
+TIERS = (("safe", 40.0), ("balanced", 32.0), ("fast", 26.0))
+SPEED_TIE = 0.10
+RANDOM_OFFSET = 10.0  # dB; measured 10.1 in BENCHMARKS.md's run (sd15 random vs ref-sd trained)
+
+
+def unet_grid(quick: bool) -> list[dict]:
+    intervals = (2, 3, 5) if quick else (2, 3, 4, 5)
+    return [dict(method="deepcache", interval=i, schedule=s, branch=b)
+            for i in intervals for s in ("uniform", "nonuniform") for b in (1, 2)
+            if not (i == 2 and s == "nonuniform")]  # interval 2 nonuniform ~ uniform
+
+
+def dit_grid(quick: bool) -> list[dict]:
+    intervals = (2, 3, 4) if quick else (2, 3, 4, 5, 6, 8)
+    grid = [dict(method="block", interval=i, warmup_steps=2, taylor_order=o) for i in intervals for o in (0, 1, 2)]
+    # DBCache's Bn: one trailing block always computed, at the middle interval
+    return grid + [dict(method="block", interval=3, warmup_steps=2, taylor_order=o, compute_last_n=1) for o in (1, 2)]
+
+
+def label(cfg: dict) -> str:
+    short = {"interval": "i", "schedule": "", "branch": "b", "warmup_steps": "w", "taylor_order": "taylor",
+             "compute_last_n": "last", "threshold": "th", "compute_first_n": "first"}
+    parts = []
+    for k, v in cfg.items():
+        if k == "method" or (k == "schedule" and v == "uniform"):
+            continue
+        parts.append(f"{short.get(k, k)}{v}" if k != "schedule" else "nonuni")
+    return f"{cfg['method']} " + " ".join(parts)
+
+
+def deepen(pipe, name: str, seed: int = 0):
+    """Rebuild the pipeline's transformer with more blocks (same width), random weights."""
+    t = pipe.transformer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = type(t).from_config({**t.config, **DEPTH.get(name, DEFAULT_DEPTH)})
+    new.eval()
+    pipe.transformer = new
+    return pipe
+
+
+def build(name: str, ref_sd: str | None):
+    if name == "ref-sd":
+        from accel.pipelines.load import load
+
+        pipe = load(ref_sd, device="cpu")
+        pipe.set_progress_bar_config(disable=True)
+        from accel.pipelines import ref
+
+        kwargs = {**ref.call_defaults("ref-sd"), "prompt": "a red circle and a blue square", "output_type": "np",
+                  "negative_prompt": ""}
+        return pipe, kwargs
+    pipe = tiny.make(name)
+    if name in DITS:
+        deepen(pipe, name)
+    return pipe, tiny.example_inputs(name)
+
+
+class DenoiserClock:
+    """CPU seconds spent inside the denoiser's forwards and the blocks they ran, per call."""
+
+    def __init__(self, pipe):
+        self.module = pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
+        self.seconds, self._t0 = 0.0, None
+        self.handles = [self.module.register_forward_pre_hook(self._pre),
+                        self.module.register_forward_hook(self._post)]
+
+    def _pre(self, *_):
+        self._t0 = time.process_time()
+
+    def _post(self, *_):
+        self.seconds += time.process_time() - self._t0
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def sweep(name: str, pipe, kwargs, grid: list[dict], steps: int, repeats: int) -> list[dict]:
+    kwargs = {**kwargs, "num_inference_steps": steps}
+
+    def call():
+        return to_frames(pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)}))
+
+    call()  # warm-up: first-call set-up costs out of every row
+    variants = [None, *grid]
+    times = {i: [] for i in range(len(variants))}
+    outs, stats = {}, {}
+    for _ in range(repeats):
+        for i, cfg in enumerate(variants):
+            if cfg is not None:
+                accel.apply(pipe, {"cache": cfg})
+            clock = DenoiserClock(pipe)
+            t0 = time.process_time()
+            try:
+                out = call()
+            finally:
+                clock.close()
+            total = time.process_time() - t0
+            if cfg is not None:
+                stats[i] = accel.stats(pipe)["cache"]
+                accel.remove(pipe)
+            times[i].append((clock.seconds, total))
+            outs[i] = out
+    rows = []
+    base_d = statistics.median(t[0] for t in times[0])
+    base_t = statistics.median(t[1] for t in times[0])
+    for i, cfg in enumerate(variants):
+        d = statistics.median(t[0] for t in times[i])
+        t = statistics.median(t[1] for t in times[i])
+        c = compare(outs[0], outs[i])
+        st = stats.get(i, {})
+        rows.append(dict(cfg=cfg, denoiser_s=d, speedup=base_d / d, call_s=t, call_speedup=base_t / t,
+                         hit=st.get("hit_rate", 0.0), psnr=float("inf") if c["psnr"] is None else c["psnr"], ssim=c["ssim"],
+                         reused=st.get("reused", 0), computed=st.get("computed", 0)))
+        print(f"  {name}: {label(cfg) if cfg else 'baseline'}: {base_d / d:.2f}x {rows[-1]['psnr']:.1f} dB",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def pick(rows: list[dict], floor: float) -> dict | None:
+    """The tier's setting: fastest with PSNR >= floor; near-ties (SPEED_TIE) go to the higher PSNR."""
+    ok = [r for r in rows if _preset_ok(r) and r["psnr"] >= floor and r["speedup"] > 1.0]
+    if not ok:
+        return None
+    best = max(r["speedup"] for r in ok)
+    close = [r for r in ok if r["speedup"] >= best * (1 - SPEED_TIE)]
+    return max(close, key=lambda r: (r["psnr"], r["speedup"]))
+
+
+def _preset_ok(row: dict) -> bool:
+    """A preset must apply to a denoiser of any depth: compute_last_n > 0 is left out, since with the
+    always-computed first block it leaves nothing to cache in a 2-block model (the tiny pipelines)."""
+    return row["cfg"] is not None and not row["cfg"].get("compute_last_n")
+
+
+def random_offset(random_rows: list[dict], trained_rows: list[dict]) -> float:
+    """Median PSNR excess of the random-weight model over the trained one, setting by setting."""
+    trained = {label(r["cfg"]): r["psnr"] for r in trained_rows if r["cfg"] is not None}
+    diffs = [r["psnr"] - trained[label(r["cfg"])] for r in random_rows
+             if r["cfg"] is not None and label(r["cfg"]) in trained]
+    return statistics.median(diffs) if diffs else RANDOM_OFFSET
+
+
+def pick_common(tables: dict[str, list[dict]], floor: float) -> dict | None:
+    """One setting for every family of ``tables``: meets the floor on each, best worst-case speedup."""
+    by_label = {}
+    for rows in tables.values():
+        for r in rows:
+            if _preset_ok(r):
+                by_label.setdefault(label(r["cfg"]), []).append(r)
+    ok = {k: v for k, v in by_label.items() if len(v) == len(tables) and min(r["psnr"] for r in v) >= floor}
+    if not ok:
+        return None
+    k = max(ok, key=lambda k: (min(r["speedup"] for r in ok[k]), min(r["psnr"] for r in ok[k])))
+    return ok[k][0]
+
+
+def print_table(name: str, rows: list[dict], steps: int, repeats: int) -> None:
+    print(f"\n#### {name} ({steps} steps, median of {repeats})\n")
+    print("| setting | denoiser CPU s | speedup (denoiser) | speedup (call) | hit rate | PSNR dB | SSIM "
+          "| reused/computed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = "inf" if r["psnr"] == float("inf") else f"{r['psnr']:.1f}"
+        print(f"| {label(r['cfg']) if r['cfg'] else 'baseline'} | {r['denoiser_s']:.2f} | {r['speedup']:.2f}x "
+              f"| {r['call_speedup']:.2f}x | {r['hit']:.2f} | {p} | {r['ssim']:.3f} "
+              f"| {r['reused']}/{r['computed']} |")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", nargs="+", default=[*UNETS, *DITS], choices=[*UNETS, *DITS])
+    ap.add_argument("--ref-sd", help="a trained ref-sd pipeline folder; its rows decide the sd15 presets")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", help="also write the tables to this JSON file")
+    ap.add_argument("--from-json", help="print the presets the rule picks from a saved --json run (no runs)")
+    ap.add_argument("--quick", action="store_true", help="smaller grid, one repeat, 10 steps")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 10, 1
+    # One thread: on a shared machine the CPU time of a 2-thread run inflates with the other jobs'
+    # load (spin-waits); a 1-thread run's CPU time is what the work costs.
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, machine: 2-core CPU, shared/noisy, 1 thread, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    names = list(args.families)
+    if args.ref_sd:
+        names.append("ref-sd")
+    tables = {}
+    if args.from_json:  # re-apply the rule to a saved run
+        with open(args.from_json) as f:
+            tables, names = json.load(f)["tables"], []
+    for name in names:
+        pipe, kwargs = build(name, args.ref_sd)
+        steps = kwargs.get("num_inference_steps", args.steps) if name == "ref-sd" else args.steps
+        grid = unet_grid(args.quick) if name in (*UNETS, "ref-sd") else dit_grid(args.quick)
+        rows = sweep(name, pipe, kwargs, grid, steps, args.repeats)
+        print_table(name if name != "ref-sd" else "ref-sd (trained, 64 px)", rows, steps, args.repeats)
+        tables[name] = rows
+    offset = random_offset(tables["sd15"], tables["ref-sd"]) if {"sd15", "ref-sd"} <= set(tables) else RANDOM_OFFSET
+    print(f"\n#### Preset rule: fastest (denoiser) with PSNR >= {', '.join(f'{f:g} dB ({t})' for t, f in TIERS)} "
+          f"on trained weights, +{offset:.1f} dB on random weights; within {SPEED_TIE:.0%} of the fastest the "
+          "higher PSNR wins\n")
+    chosen = {}
+    for name, rows in tables.items():
+        fam = "sd15" if name == "ref-sd" else name
+        if name == "sd15" and "ref-sd" in tables:
+            continue  # the trained model decides sd15
+        extra = 0.0 if name == "ref-sd" else offset
+        above = None
+        for tier, floor in TIERS:
+            r = pick(rows, floor + extra)
+            if above is not None and (r is None or r["speedup"] < above["speedup"]):
+                r = above  # a looser floor never yields a slower tier (noise can make it look so)
+            chosen.setdefault(tier, {})[fam] = above = r
+    dits = {k: v for k, v in tables.items() if k in DITS}
+    for tier, floor in TIERS:
+        if dits:
+            chosen[tier]["*"] = pick_common(dits, floor + offset)
+    for tier, fams in chosen.items():
+        print(f"{tier}:")
+        for fam, r in fams.items():
+            what = "{'method': 'none'}  # no setting meets the floor" if r is None else \
+                f"{r['cfg']}  # {r['speedup']:.2f}x denoiser, {r['psnr']:.1f} dB"
+            print(f"    {fam!r}: {what}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"offset": offset, "tables": tables}, f, default=str)
+    return tables, chosen
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
