@@ -1,21 +1,27 @@
 """Sparse attention benchmark: attention alone and a Wan-shaped transformer, dense vs sparse, one run.
 
-    python benchmarks/bench_attention.py            # full (~12 min on a 2-core CPU)
-    python benchmarks/bench_attention.py --quick    # 4k/16k only, 1 repeat, 1 Wan block
+    python benchmarks/bench_attention.py                 # 4k/8k/16k, gather + flex, Wan table (long)
+    python benchmarks/bench_attention.py --quick         # 16k tile only, 1 repeat, 3 Wan settings
+    python benchmarks/bench_attention.py --sizes 16k --backends gather --blocks 64,128 --wan-blocks 0
+    python benchmarks/bench_attention.py --wan-only --wan-blocks 1
 
 Part 1: one attention call over a video-shaped token grid (4k, 8k, 16k tokens; one head of 128,
-Wan's head size), dense SDPA vs every pattern on ``flex`` (compiled) at densities 0.5/0.25/0.1.
-q/k are a smooth random field over the grid plus noise, so attention is local as in real video
-DiTs. Reported: median latency ratio (dense / sparse, > 1 is faster) and relative L2 error of
-the output. Part 2: a WanTransformer3DModel with Wan2.1-1.3B width (1536, 12 heads of 128, FFN
-8960) at reduced depth, on 8k video tokens: forward latency ratio and PSNR of its output vs dense.
-Timings include our tile gather/scatter and mask lookup. Compile time is excluded (one warm-up).
+Wan's head size), dense SDPA vs every pattern on ``gather`` (our CPU path: batched BLAS over
+gathered key tiles) and ``flex`` (compiled FlexAttention) at densities 0.5/0.25/0.1. q/k are a
+smooth random field over the grid plus noise, so attention is local as in real video DiTs.
+Reported: median speed-up (dense / sparse, > 1 is faster) in process CPU time (robust to the other
+jobs on a shared machine) and in wall time, and relative L2 error of the output. Part 2: a
+WanTransformer3DModel with Wan2.1-1.3B width (1536, 12 heads of 128, FFN 8960) at reduced depth,
+on 8192 video tokens + 64 text tokens: forward speed-up and PSNR of its output vs dense.
+Variants are timed round-robin (one warm-up each: compile excluded), so load drift hits all alike.
+Timings include our tile gather/scatter and mask lookup.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -31,15 +37,24 @@ PATTERNS = ("tile", "spatial_temporal", "radial", "global_local", "topk")
 GRIDS = {"4k": (4, 32, 32), "8k": (8, 32, 32), "16k": (16, 32, 32)}
 
 
-def _median_time(fn, repeats: int):
-    """(median seconds, last output); one untimed warm-up call compiles flex once per shape."""
-    fn()
-    times = []
+def _clock():
+    return time.perf_counter(), time.process_time()
+
+
+def _interleaved(fns: dict, repeats: int):
+    """{name: (median wall s, median process CPU s, last output)}: one untimed warm-up each (compiles flex once
+    per shape), then ``repeats`` rounds over all of them in turn, so load drift on a shared machine hits all alike.
+    CPU time counts the work done whatever the other jobs do; wall time is shown beside it."""
+    outs = {name: fn() for name, fn in fns.items()}
+    times = {name: ([], []) for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            w, c = _clock()
+            outs[name] = fn()
+            w2, c2 = _clock()
+            times[name][0].append(w2 - w)
+            times[name][1].append(c2 - c)
+    return {n: (statistics.median(times[n][0]), statistics.median(times[n][1]), outs[n]) for n in fns}
 
 
 def video_qkv(grid, heads=1, dim=128, seed=0):
@@ -66,23 +81,31 @@ def check_compiled_flex(grid):
     return float((outs[0] - outs[1]).abs().max())
 
 
-def attention_table(sizes, densities, repeats):
+def attention_table(sizes, densities, repeats, patterns, backends, blocks):
     rows = []
     for size in sizes:
         grid = GRIDS[size]
         q, k, v = video_qkv(grid)
         scale = 1 / math.sqrt(q.shape[-1])
-        t_dense, dense_out = _median_time(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
-        rows.append((size, "dense sdpa", 1.0, t_dense, 1.0, 0.0))
-        for pattern in PATTERNS:
-            for d in densities:
-                eng = SparseAttention(AttentionConfig(pattern=pattern, backend="flex", density=d), "flex")
-                run = lambda: eng.attend(q, k, v, scale, "site", grid, 0, True)  # noqa: E731
-                t, out = _median_time(run, repeats)
-                err = float((out - dense_out).norm() / dense_out.norm())
-                rows.append((size, pattern, eng.stats()["realised_density"], t, t_dense / t, err))
-                print(f"  {size:>4} {pattern:<17} d={d:<5} {t * 1e3:8.1f} ms  x{t_dense / t:5.2f}  err {err:.4f}",
-                      flush=True)
+        fns = {"dense sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+        engines = {}
+        for backend in backends:
+            for block in blocks:
+                for pattern in patterns:
+                    for d in densities:
+                        cfg = AttentionConfig(pattern=pattern, backend=backend, density=d, block_size=block)
+                        eng = engines[(backend, block, pattern, d)] = SparseAttention(cfg, backend)
+                        fns[(backend, block, pattern, d)] = (
+                            lambda eng=eng: eng.attend(q, k, v, scale, "site", grid, 0, True))
+        res = _interleaved(fns, repeats)
+        w0, c0, dense_out = res.pop("dense sdpa")
+        rows.append((size, "dense sdpa", "-", "-", 1.0, w0, c0, 1.0, 1.0, 0.0))
+        for (backend, block, pattern, d), (w, c, out) in res.items():
+            err = float((out - dense_out).norm() / dense_out.norm())
+            realised = engines[(backend, block, pattern, d)].stats()["realised_density"]
+            rows.append((size, pattern, backend, block, realised, w, c, w0 / w, c0 / c, err))
+            print(f"  {size:>4} {backend:<6} T={block:<3} {pattern:<17} d={d:<5} cpu {c:7.2f} s x{c0 / c:5.2f} "
+                  f"wall x{w0 / w:5.2f} err {err:.4f}", flush=True)
     return rows
 
 
@@ -105,50 +128,91 @@ def wan_table(blocks, repeats, settings):
     text = torch.randn(1, 64, 4096, generator=g)
     t = torch.tensor([500])
 
-    def fwd():
-        with torch.no_grad():
-            return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    def fwd(fields=None):
+        if fields:
+            accel.apply(model, {"attention": fields})
+        try:
+            with torch.no_grad():
+                out = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            stats = accel.stats(model)["attention"] if fields else None
+        finally:
+            if fields:
+                accel.remove(model)
+        fwd.stats[str(fields)] = stats
+        return out
 
-    t_dense, ref = _median_time(fwd, repeats)
+    fwd.stats = {}
+    fns = {"dense sdpa": fwd, **{name: (lambda f=f: fwd(f)) for name, f in settings}}
+    res = _interleaved(fns, repeats)
+    w0, c0, ref = res.pop("dense sdpa")
     lo, hi = float(ref.min()), float(ref.max())
     norm = lambda a: ((a - lo) / (hi - lo)).clamp(0, 1).numpy()  # noqa: E731
-    rows = [("dense sdpa", 1.0, t_dense, 1.0, math.inf)]
+    rows = [("dense sdpa", 1.0, w0, c0, 1.0, 1.0, math.inf)]
     for name, fields in settings:
-        accel.apply(model, {"attention": fields})
-        tt, out = _median_time(fwd, repeats)
-        st = accel.stats(model)["attention"]
-        accel.remove(model)
+        w, c, out = res[name]
+        st = fwd.stats[str(fields)]
         p = psnr(norm(ref), norm(out))
-        rows.append((name, st["realised_density"], tt, t_dense / tt, p))
-        print(f"  wan {name:<28} {tt:7.2f} s  x{t_dense / tt:5.2f}  PSNR {p:.1f} dB", flush=True)
+        rows.append((name, st["realised_density"], w, c, w0 / w, c0 / c, p))
+        print(f"  wan {name:<34} cpu {c:7.2f} s x{c0 / c:5.2f} wall x{w0 / w:5.2f}  PSNR {p:.1f} dB", flush=True)
     return rows
+
+
+def _g(pattern, density, block=128, **extra):
+    return {"pattern": pattern, "backend": "gather", "density": density, "block_size": block, **extra}
+
+
+WAN_SETTINGS = [("gather tile d=0.5 T=128", _g("tile", 0.5)),
+                ("gather tile d=0.25 T=128", _g("tile", 0.25)),
+                ("gather tile d=0.1 T=128", _g("tile", 0.1)),
+                ("gather tile d=0.25 T=64", _g("tile", 0.25, 64)),
+                ("gather radial d=0.25 T=128", _g("radial", 0.25)),
+                ("gather global_local d=0.25 T=128", _g("global_local", 0.25)),
+                ("gather spatial_temporal d=0.25 T=128", _g("spatial_temporal", 0.25)),
+                ("gather topk d=0.25 T=128", _g("topk", 0.25)),
+                ("gather tile d=0.25 T=128 renorm", _g("tile", 0.25, renorm=True)),
+                ("flex tile d=0.25 T=64", {"pattern": "tile", "backend": "flex", "density": 0.25})]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4k and 16k only, 1 repeat, 1 Wan block")
+    ap.add_argument("--quick", action="store_true", help="16k tile only, 1 repeat, 3 Wan settings")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sizes", default="4k,8k,16k")
+    ap.add_argument("--patterns", default=",".join(PATTERNS))
+    ap.add_argument("--backends", default="gather,flex")
+    ap.add_argument("--blocks", default="64", help="block sizes (tokens per tile), comma-separated")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--wan-blocks", type=int, default=1, help="transformer blocks (0: skip the Wan table)")
+    ap.add_argument("--wan-only", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    sizes = ("4k", "16k") if a.quick else ("4k", "8k", "16k")
-    repeats = 1 if a.quick else 3
-    print(f"# compiled vs eager flex, max abs diff: {check_compiled_flex((2, 16, 16)):.2e}")
-    print(f"# attention alone (flex compiled, {a.threads} threads)")
-    att = attention_table(sizes, (0.5, 0.25, 0.1), repeats)
-    settings = [(f"{p} d={d}", {"pattern": p, "backend": "flex", "density": d})
-                for p, d in (("tile", 0.5), ("tile", 0.25), ("radial", 0.25), ("global_local", 0.25), ("topk", 0.25),
-                             ("spatial_temporal", 0.25))]
-    settings.append(("tile d=0.25 renorm", {"pattern": "tile", "backend": "flex", "density": 0.25, "renorm": True}))
-    print("# Wan-shaped transformer (1536 wide, 12 heads), 8192 video tokens")
-    wan = wan_table(1 if a.quick else 2, repeats, settings)
-    print("\n| tokens | pattern | density | median ms | speed-up vs dense | rel. L2 error |")
-    print("|---|---|---|---|---|---|")
-    for size, pat, d, t, r, e in att:
-        print(f"| {size} | {pat} | {d:.3f} | {t * 1e3:.1f} | {r:.2f} | {e:.4f} |")
-    print("\n| Wan-shaped, 8k tokens | density | median s | speed-up vs dense | PSNR dB |")
-    print("|---|---|---|---|---|")
-    for name, d, t, r, p in wan:
-        print(f"| {name} | {d:.3f} | {t:.2f} | {r:.2f} | {p:.1f} |")
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    sizes, patterns, backends = split(a.sizes), split(a.patterns), split(a.backends)
+    blocks, repeats, wan_settings = [int(b) for b in split(a.blocks)], a.repeats, WAN_SETTINGS
+    if a.quick:
+        sizes, patterns, repeats, wan_settings = ["16k"], ["tile"], 1, WAN_SETTINGS[:3]
+    print(f"# torch {torch.__version__}, {a.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    att = []
+    if not a.wan_only:
+        if "flex" in backends:
+            print(f"# compiled vs eager flex, max abs diff: {check_compiled_flex((2, 16, 16)):.2e}")
+        print("# attention alone, one head of 128")
+        att = attention_table(sizes, (0.5, 0.25, 0.1), repeats, patterns, backends, blocks)
+    wan = []
+    if a.wan_blocks:
+        print(f"# Wan-shaped transformer (1536 wide, 12 heads, {a.wan_blocks} block(s)), 8192 video tokens + 64 text")
+        wan = wan_table(a.wan_blocks, repeats, wan_settings)
+    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
+    if att:
+        print("\n| tokens | pattern | backend | block | density | CPU s | speed-up (CPU) | speed-up (wall) | rel. L2 err |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for size, pat, be, blk, d, w, c, rw, rc, e in att:
+            print(f"| {size} | {pat} | {be} | {blk} | {d:.3f} | {c:.2f} | {rc:.2f} | {rw:.2f} | {e:.4f} |")
+    if wan:
+        print("\n| Wan-shaped, 8k tokens | density | CPU s | speed-up (CPU) | speed-up (wall) | PSNR dB |")
+        print("|---|---|---|---|---|---|")
+        for name, d, w, c, rw, rc, p in wan:
+            print(f"| {name} | {d:.3f} | {c:.1f} | {rc:.2f} | {rw:.2f} | {p:.1f} |")
 
 
 if __name__ == "__main__":

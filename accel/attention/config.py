@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..config_base import ConfigBase, ConfigError, spec
 
 PATTERNS = ("dense", "tile", "spatial_temporal", "radial", "global_local", "topk")
-BACKENDS = ("sdpa", "xformers", "flex", "triton")
+BACKENDS = ("sdpa", "xformers", "flex", "triton", "gather")
 
 
 @dataclass(frozen=True)
@@ -15,9 +15,11 @@ class AttentionConfig(ConfigBase):
     """Sparse attention over image/video tokens; text tokens always attend and are attended densely.
 
     Important: ``pattern`` (``dense`` is off), ``density`` (fraction of video query-block x
-    key-block pairs computed; 1.0 is dense) and ``backend`` (``flex`` and ``triton`` skip the
-    blocks that are not computed; ``sdpa``/``xformers`` apply the same mask densely, a reference).
-    ``dense_steps`` first steps and ``dense_layers`` first attention layers stay dense.
+    key-block pairs computed; 1.0 is dense) and ``backend`` (``flex``, ``triton`` and ``gather``
+    skip the blocks that are not computed: ``gather`` is the fast one on CPU, ``flex``/``triton``
+    on GPU; ``sdpa``/``xformers`` apply the same mask densely, a reference).
+    ``dense_steps`` first steps and ``dense_layers`` first attention layers stay dense, and so do
+    calls over fewer than ``min_tokens`` video tokens.
 
     Tinkering: ``block_size`` tokens per block (a 3-D tile of the token grid), ``renorm``
     (Re-ttention-style correction for the attention mass of skipped blocks), the per-pattern
@@ -40,6 +42,7 @@ class AttentionConfig(ConfigBase):
     sinks: int = spec(1, min=0, help="radial: first N key blocks every query keeps (attention sinks)")
     topk_mass: float = spec(0.9, min=0.0, max=1.0, min_exclusive=True,
                             help="topk: keep blocks until this cumulative pooled-score mass (capped by density)")
+    min_tokens: int = spec(0, min=0, help="calls with fewer video tokens stay dense (sparse does not pay there)")
     profile_rows: int = spec(32, min=1, help="query rows sampled per head to profile spatial_temporal / renorm")
 
     @property

@@ -59,6 +59,14 @@ class BlockLayout:
         return ~self.valid.view(self.n_blocks, self.block).all(1)
 
     @functools.cached_property
+    def pad_slots(self) -> torch.Tensor:
+        return torch.nonzero(~self.valid).flatten()
+
+    @functools.cached_property
+    def gather_clamped(self) -> torch.Tensor:  # pad slots read token 0, then zeroed
+        return self.gather.clamp(max=self.n_tokens - 1)
+
+    @functools.cached_property
     def block_count(self) -> torch.Tensor:
         return self.valid.view(self.n_blocks, self.block).sum(1)
 
@@ -107,8 +115,9 @@ def build_layout(grid: tuple[int, int, int], text_len: int, text_first: bool, bl
 
 def to_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """[B, H, N, D] in model order -> [B, H, n_blocks*block, D] in tiled order (pad slots zero)."""
-    x = torch.cat([x, x.new_zeros(x.shape[:2] + (1, x.shape[-1]))], dim=2)
-    return x.index_select(2, layout.gather)
+    if layout.pad_slots.numel() == 0:
+        return x.index_select(2, layout.gather)
+    return x.index_select(2, layout.gather_clamped).index_fill_(2, layout.pad_slots, 0)
 
 
 def from_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:

@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from accel.attention import backends
 from accel.attention.backends import run, unavailable_reason
 from accel.attention.layout import build_layout, from_blocks, to_blocks
-from accel.attention.patterns import STATIC, dense_mask, static_mask, topk_mask, video_pattern
+from accel.attention.patterns import STATIC, SparseMask, dense_mask, static_mask, topk_mask, video_pattern
 from accel.attention.sparse import SparseAttention
 from accel.attention.config import AttentionConfig
 
-AVAILABLE = [b for b in ("sdpa", "flex", "xformers") if unavailable_reason(b, torch.device("cpu")) is None]
+AVAILABLE = [b for b in ("sdpa", "flex", "xformers", "gather") if unavailable_reason(b, torch.device("cpu")) is None]
 
 
 def _qkv(B, H, N, D, seed=0):
@@ -93,6 +94,26 @@ def test_text_tokens_attend_and_are_attended_densely(pattern, text_first):
     assert video_only.float().mean() < 0.5  # it really is sparse among video tiles
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=tok, scale=scale)
     assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["tile", "radial", "global_local", "topk", "per_head"])
+@pytest.mark.parametrize("grid,text", [((4, 8, 8), 0), ((3, 5, 7), 11)])
+def test_gather_backend_matches_masked_dense(kind, grid, text):
+    """The CPU gather path against SDPA with the expanded token mask: padded tiles, text rows, per-head masks."""
+    lay = build_layout(grid, text, True, 16)
+    q, k, v = (to_blocks(x, lay) for x in _qkv(2, 3, lay.n_tokens, 16, seed=5))
+    if kind == "topk":  # per batch and head, rows of different lengths
+        m = topk_mask(q, k, lay, 0.5, 0.6, 0.25)
+    elif kind == "per_head":
+        a, b = (static_mask(lay, p, 0.25, 0, 1.0).allowed for p in ("tile", "radial"))
+        m = SparseMask(torch.where(torch.tensor([True, False, True])[None, :, None, None], a, b), lay)
+    else:
+        m = static_mask(lay, kind, 0.25, 1, 0.5)
+    ref = run("sdpa", q, k, v, m, 0.25)
+    out = backends._gather(q, k, v, m, 0.25, chunk_floats=4096)  # small chunks: several loop iterations
+    valid = lay.valid
+    assert (out[:, :, valid] - ref[:, :, valid]).abs().max() < 1e-5
+    assert m.video_density() < 0.6
 
 
 def test_renorm_moves_sparse_output_towards_dense():
