@@ -77,15 +77,16 @@ class TokenConfig(ConfigBase):
         return self.ratio + (self.ratio_end - self.ratio) * w
 
 
-# From benchmarks/bench_tokens.py, BENCHMARKS.md "## Token merging" (2-core CPU, random weights
-# with sharpened attention; PSNR of the denoiser's total update against the baseline's). Rule, per
-# family group, over the rows of that table:
-#   safe     = the highest-PSNR row that is at least 1.3x faster,
+# From benchmarks/bench_tokens.py, BENCHMARKS.md "## Token merging" (2-core CPU, heavily shared:
+# speed-ups are +-15%; random weights with sharpened attention; PSNR of the denoiser's total
+# update against the baseline's). Rule, per family group, over the rows of that table (UNets:
+# the 1024 px table, where merging pays; DiTs: the 4096-token Wan-shaped table):
+#   safe     = the highest-PSNR row that is at least 1.2x faster,
 #   balanced = the fastest row at PSNR >= 35 dB,
-#   fast     = the fastest row at PSNR >= 30 dB (the same as balanced where no faster row was measured).
-# UNets (SD1.5 table, 512 and 1024 px): merge 0.3 / 0.5 (tomesd's placement). PROVISIONAL.
-# Image DiTs (Wan-shaped table, 4096 tokens): prune 0.5 43.6 dB 1.48x; prune 0.75 41.5 dB 1.84x;
-# merge 0.5 35.4 dB 1.81x; merge 0.3 39.0 dB 1.37x; kv_downsample 0.75 33.9 dB 1.19x.
+#   fast     = the fastest row at PSNR >= 30 dB (= balanced: no faster row above 30 dB was measured).
+# UNets (1024 px): merge 0.3 41.7 dB 1.26x; merge 0.5 38.6 dB 1.60x.
+# Image DiTs: prune 0.5 43.6 dB 1.48x; prune 0.75 41.5 dB 1.84x; merge 0.5 35.4 dB 1.81x;
+# merge 0.3 39.0 dB 1.37x; kv_downsample 0.75 33.9 dB 1.19x.
 # Video DiTs: the same table without prune, whose per-block cache (input and update of every
 # token, per CFG branch) is ~12 GB in bf16 for Wan 1.3B at 480p x 81 frames: merge only.
 _UNETS = ("sd15", "sdxl", "animatediff")
