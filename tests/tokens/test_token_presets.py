@@ -12,6 +12,8 @@ import pytest
 from helpers.snapshot import run, state_of
 
 import accel
+from accel.cache.config import PRESETS as CACHE_PRESETS
+from accel.cache.config import CacheConfig
 from accel.config import Config
 from accel.eval.metrics import psnr
 from accel.families import FAMILIES
@@ -30,7 +32,9 @@ def test_every_family_has_an_enabled_token_preset_composed_with_the_cache(level)
         assert cfg.tokens.enabled, (level, family)
         fields = PRESETS[level].get(family, PRESETS[level]["*"])
         assert cfg.tokens == TokenConfig(**fields)
-        assert cfg.cache.enabled, f"{level}/{family}: the cache part is gone from the composed preset"
+        cache_fields = CACHE_PRESETS.get(level, {}).get(family, CACHE_PRESETS.get(level, {}).get("*"))
+        expected_cache = CacheConfig(**cache_fields) if cache_fields else CacheConfig()
+        assert cfg.cache == expected_cache, f"{level}/{family}: composing lost or changed the cache part"
     # UNets whose top level has no attention (SDXL) must reach the level that has it
     assert accel.preset("balanced", "sdxl").tokens.max_downsample >= 2
 
