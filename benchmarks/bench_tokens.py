@@ -15,7 +15,7 @@ configurations interleaved per repeat (the machine is shared). Fidelity: PSNR / 
 update (x_final - x0, first 3 channels, mapped to [0, 1] with the baseline's range) against the baseline.
 
     python benchmarks/bench_tokens.py --part unet512   # ~5 min on 2 quiet CPU cores
-    python benchmarks/bench_tokens.py --part unet1024  # ~8 min (2 steps, 1 repeat)
+    python benchmarks/bench_tokens.py --part unet1024  # ~8 min (1 step, 1 repeat)
     python benchmarks/bench_tokens.py --part dit       # ~8 min (3 steps = one refresh period)
     python benchmarks/bench_tokens.py --part dit_long  # 8192 tokens: baseline vs kv_downsample
     python benchmarks/bench_tokens.py --quick          # smaller, fewer repeats (~3 min)
@@ -220,7 +220,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (smoke run)")
     ap.add_argument("--part", choices=PARTS, nargs="*", default=None, help="which tables (default: all)")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 3; 2 at 1024 px)")
+    ap.add_argument("--steps", type=int, default=None, help="steps (UNet 2, 1 at 1024 px; DiT 3, 2 at 8192 tokens)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats (default 2; 1 at 1024 px)")
     ap.add_argument("--cfg", action="store_true", help="UNet: batch 2 with CFG (default batch 1)")
     ap.add_argument("--layers", type=int, default=1, help="DiT depth (Wan 2.1 1.3B: 30)")
@@ -233,9 +233,9 @@ def main(argv=None):
         bench_dit((2, 16, 32), layers=1, steps=3, repeats=2, refresh=3)
         return
     if "unet512" in parts:
-        bench_unet(512, steps=args.steps or 3, repeats=args.repeats or 2, ratios=(0.3, 0.5), cfg_batch=args.cfg)
+        bench_unet(512, steps=args.steps or 2, repeats=args.repeats or 2, ratios=(0.3, 0.5), cfg_batch=args.cfg)
     if "unet1024" in parts:
-        bench_unet(1024, steps=args.steps or 2, repeats=args.repeats or 1, ratios=(0.3, 0.5), cfg_batch=args.cfg)
+        bench_unet(1024, steps=args.steps or 1, repeats=args.repeats or 1, ratios=(0.3, 0.5), cfg_batch=args.cfg)
     if "dit" in parts:
         bench_dit((4, 32, 32), layers=args.layers, steps=args.steps or 3, repeats=args.repeats or 2, refresh=3)
     if "dit_long" in parts:  # KV pooling pays off as attention's share grows with the token count
