@@ -5,14 +5,18 @@ WanAttnProcessor, ...) and runs it unchanged, so q/k norms, rotary embeddings, a
 projections and output projections are exactly the family's. During that call a
 `TorchFunctionMode` routes ``F.scaled_dot_product_attention`` (which both the classic
 processors and diffusers' native ``dispatch_attention_fn`` end in) to `SparseAttention` when the
-call is the module's full self/joint attention over the current token grid; any other call
-(IP-adapter keys, masks, shapes we cannot place on the grid) runs dense, and is counted.
+call is the module's full self/joint attention over the current token grid; a key-padding mask
+that drops text tokens only (HunyuanVideo's padded prompt) is honoured by leaving those tokens out;
+any other call (IP-adapter keys, other masks, shapes we cannot place on the grid) runs dense, and is
+counted as a passthrough call.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+
+import torch
 
 from ..families import Adapter, AttentionSite
 from ..sdpa_route import SDPA, RouteSDPA
@@ -71,17 +75,59 @@ class SparseProcessor:
         dense = functools.partial(SDPA, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         same = query.ndim == 4 and key.shape == query.shape and value.shape == query.shape
-        place = self._placement(query.shape[-2]) if same and attn_mask is None and not is_causal \
-            and not dropout_p else None
-        if place is None:
+        place = self._placement(query.shape[-2]) if same and not is_causal and not dropout_p else None
+        keys = None if place is None or attn_mask is None else _text_key_padding(attn_mask, query, *place)
+        if place is None or (attn_mask is not None and keys is None):
             self.engine.counts["passthrough_calls"] += 1
             return dense()
+        if math.prod(place[0]) < self.engine.cfg.min_tokens:
+            self.engine.counts["dense_calls"] += 1
+            return dense()
         scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-        out = self.engine.attend(query, key, value, scale, self.site.name, *place)
+        if keys is None:
+            out = self.engine.attend(query, key, value, scale, self.site.name, *place)
+        else:
+            out = self._attend_padded(query, key, value, scale, keys, *place)
         if out is None:
             self.engine.counts["passthrough_calls"] += 1
             return dense()
         return out
+
+    def _attend_padded(self, query, key, value, scale, keys, grid, text_len, text_first):
+        """A key-padding mask over text tokens (HunyuanVideo's padded prompt): sparse attention over the kept
+        tokens of each batch element (fewer text tokens), dense SDPA rows for the padded text queries."""
+        out = torch.empty_like(query)
+        groups = [slice(None)] if bool((keys == keys[:1]).all()) else [slice(b, b + 1) for b in range(len(keys))]
+        for g in groups:
+            keep = keys[g][0]
+            q, k, v = query[g], key[g], value[g]
+            qk, kk, vk = q[:, :, keep], k[:, :, keep], v[:, :, keep]
+            o = self.engine.attend(qk, kk, vk, scale, self.site.name, grid, text_len - int((~keep).sum()), text_first)
+            if o is None:
+                return None
+            out[g][:, :, keep] = o
+            if not bool(keep.all()):
+                out[g][:, :, ~keep] = SDPA(q[:, :, ~keep], kk, vk, scale=scale)
+        return out
+
+
+def _text_key_padding(mask, query, grid, text_len: int, text_first: bool):
+    """[B, N] bool keys kept, when ``mask`` is a key-padding mask ([B or 1, 1, 1, N], bool or 0/-inf) that only
+    drops text tokens; None for any other mask (those calls run dense)."""
+    B, _, N, _ = query.shape
+    if mask.ndim != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != N or mask.shape[0] not in (1, B):
+        return None
+    if mask.dtype == torch.bool:
+        keys = mask[:, 0, 0]
+    elif bool(((mask == 0) | (mask == float("-inf"))).all()):
+        keys = mask[:, 0, 0] == 0
+    else:
+        return None
+    keys = keys.expand(B, N)
+    video = slice(text_len, None) if text_first else slice(0, N - text_len)
+    if not bool(keys[:, video].all()) or not bool(keys.any(1).all()):
+        return None
+    return keys
 
 
 @functools.lru_cache(maxsize=None)
