@@ -123,6 +123,22 @@ def table(title, rows, notes):
     sys.stdout.flush()
 
 
+def run_rows_interleaved(pipe, kwargs, repeats, variants):
+    """Like `run_rows`, but round-robin: repeat r of every row runs before repeat r+1 of any, so the
+    machine's load drift hits every row alike (for close comparisons such as ours vs a peer)."""
+    pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    samples = {name: [] for name, *_ in variants}
+    for _ in range(repeats):
+        for name, setup, teardown, *own in variants:
+            samples[name].append(measure(own[0] if own else pipe, kwargs, 1, setup, teardown))
+    rows = []
+    for name, *_ in variants:
+        runs = samples[name]
+        rows.append((name, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
+                     runs[-1][2], runs[-1][3], None))
+    return rows
+
+
 def run_rows(pipe, kwargs, repeats, variants):
     pipe(**kwargs, generator=torch.Generator().manual_seed(0))  # untimed warm-up: first-call set-up costs
     rows = []
@@ -212,6 +228,13 @@ def bench_flux(args):
         variants.append((f"peer diffusers FirstBlockCache threshold={th}", *diffusers_fbc(th)))
     for th in args.thresholds:
         variants.append((f"peer para-attn FBCache threshold={th}", *para_attn_fbc(th)))
+    if args.peers_only:  # ours vs diffusers' FirstBlockCache at each threshold, interleaved
+        variants = [v for v in variants if "para-attn" not in v[0]]
+        rows = run_rows_interleaved(pipe, kwargs, args.repeats, variants)
+        table("Flux-shaped transformer: ours vs diffusers FirstBlockCache, interleaved", rows, [
+            f"{args.flux_dual}+{args.flux_single} blocks, width {args.flux_heads * 128}, {args.flux_px} px, "
+            f"{args.flux_steps} steps; rows measured round-robin, median of {args.repeats}; CPU time"])
+        return
     th = args.thresholds[-1]
     variants.append((f"ours block threshold={th} warmup=2 taylor=1",
                      *ours(pipe, dict(method="block", threshold=th, warmup_steps=2, taylor_order=1))))
@@ -233,6 +256,8 @@ def bench_flux(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peers-only", action="store_true",
+                    help="flux: only ours vs diffusers FirstBlockCache per threshold, measured round-robin")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, one repeat")
     ap.add_argument("--only", choices=("unet", "flux"), help="run one of the two models")
     ap.add_argument("--repeats", type=int, default=1)

@@ -12,9 +12,13 @@ Per denoiser forward (one stream step, see `state.py`):
    over the last full steps (TaylorSeer); computed: the span runs and its residual is stored;
 4. the last ``compute_last_n`` blocks always run (DBCache's Bn), correcting the reused span.
 
-The reuse decision reads one scalar on the host (``.item()``) per dynamic decision; under
-``torch.compile`` that is one graph break per forward (the decision is ``torch.compiler.disable``d).
-The fixed schedule needs no host sync.
+Host syncs and torch.compile: a threshold decision reads one scalar per forward on the host (the
+relative L1 change; skipping work is host control flow, so it cannot stay on the device); the
+fixed schedule reads none (tests/cache/test_cache_compile.py counts them). Every read and write of
+the per-stream state happens in ``torch.compiler.disable``d methods (`keep`, `decide`, `span_done`,
+`residual`): under a compiled denoiser those are the graph breaks (measured by
+benchmarks/bench_cache_compile.py), and no graph is specialised on step counters, so repeated
+calls compile nothing new.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..config_base import ConfigError
-from ..families import Adapter, bind_inputs, block_io
+from ..families import Adapter, _forward_params, block_io
 from .state import BeginForwardHook, Streams, fingerprint, fixed_schedule_reuses, relative_l1, settle, state_key
 
 HOOK_DENOISER = "accel.cache.block.denoiser"
@@ -157,13 +161,22 @@ class BlockCache:
         return tuple(out)
 
 
+def _named(params: tuple, args: tuple, kwargs: dict) -> dict:
+    """`families.bind_inputs` with the parameter names looked up at install time: inspecting the
+    signature inside a torch.compile'd forward is a graph break (``hasattr(..., '__wrapped__')``)."""
+    out = dict(zip(params, args))
+    out.update(kwargs)
+    return out
+
+
 class _ProbeStart(ModelHook):
     def __init__(self, cache: BlockCache):
         super().__init__()
         self.cache = cache
+        self.params = _forward_params(type(cache.first[0][1]))
 
     def pre_forward(self, module, *args, **kwargs):
-        self.cache.keep("h0", bind_inputs(module, args, kwargs)["hidden_states"])
+        self.cache.keep("h0", _named(self.params, args, kwargs)["hidden_states"])
         return args, kwargs
 
 
@@ -188,11 +201,12 @@ class _SpanHook(ModelHook):
         super().__init__()
         self.cache, self.first, self.last = cache, first, last
         self.io = block_io(block)
+        self.params = _forward_params(type(block))
         # (tuple length, encoder output was None) seen at the last full step; None: a bare tensor.
         self.layout = _UNSEEN
 
     def new_forward(self, module, *args, **kwargs):
-        inputs = bind_inputs(module, args, kwargs)
+        inputs = _named(self.params, args, kwargs)
         hidden, encoder = inputs["hidden_states"], inputs.get("encoder_hidden_states")
         if not self.cache.current[1].reuse or self.layout is _UNSEEN:
             if self.first:
