@@ -87,7 +87,7 @@ def attention_table(sizes, densities, repeats, patterns, backends, blocks):
         grid = GRIDS[size]
         q, k, v = video_qkv(grid)
         scale = 1 / math.sqrt(q.shape[-1])
-        fns = {"dense sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+        fns = {"dense sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)}
         engines = {}
         for backend in backends:
             for block in blocks:
@@ -96,7 +96,7 @@ def attention_table(sizes, densities, repeats, patterns, backends, blocks):
                         cfg = AttentionConfig(pattern=pattern, backend=backend, density=d, block_size=block)
                         eng = engines[(backend, block, pattern, d)] = SparseAttention(cfg, backend)
                         fns[(backend, block, pattern, d)] = (
-                            lambda eng=eng: eng.attend(q, k, v, scale, "site", grid, 0, True))
+                            lambda eng=eng, q=q, k=k, v=v, s=scale, g=grid: eng.attend(q, k, v, s, "site", g, 0, True))
         res = _interleaved(fns, repeats)
         w0, c0, dense_out = res.pop("dense sdpa")
         rows.append((size, "dense sdpa", "-", "-", 1.0, w0, c0, 1.0, 1.0, 0.0))
@@ -204,14 +204,15 @@ def main(argv=None):
         wan = wan_table(a.wan_blocks, repeats, wan_settings)
     print(f"# load average at the end {os.getloadavg()[0]:.1f}")
     if att:
-        print("\n| tokens | pattern | backend | block | density | CPU s | speed-up (CPU) | speed-up (wall) | rel. L2 err |")
+        print("\n| tokens | pattern | backend | block | density | CPU s | speed-up (CPU) | speed-up (wall) "
+              "| rel. L2 err |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for size, pat, be, blk, d, w, c, rw, rc, e in att:
+        for size, pat, be, blk, d, _w, c, rw, rc, e in att:
             print(f"| {size} | {pat} | {be} | {blk} | {d:.3f} | {c:.2f} | {rc:.2f} | {rw:.2f} | {e:.4f} |")
     if wan:
         print("\n| Wan-shaped, 8k tokens | density | CPU s | speed-up (CPU) | speed-up (wall) | PSNR dB |")
         print("|---|---|---|---|---|---|")
-        for name, d, w, c, rw, rc, p in wan:
+        for name, d, _w, c, rw, rc, p in wan:
             print(f"| {name} | {d:.3f} | {c:.1f} | {rc:.2f} | {rw:.2f} | {p:.1f} |")
 
 

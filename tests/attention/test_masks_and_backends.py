@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from accel.attention import backends
 from accel.attention.backends import run, unavailable_reason
+from accel.attention.config import AttentionConfig
 from accel.attention.layout import build_layout, from_blocks, to_blocks
 from accel.attention.patterns import STATIC, SparseMask, dense_mask, static_mask, topk_mask, video_pattern
 from accel.attention.sparse import SparseAttention
-from accel.attention.config import AttentionConfig
 
 AVAILABLE = [b for b in ("sdpa", "flex", "xformers", "gather") if unavailable_reason(b, torch.device("cpu")) is None]
 
