@@ -96,8 +96,9 @@ class TokenState:
             if kind == "bipartite":
                 gen = None
                 if self.cfg.use_rand:
-                    gen = torch.Generator().manual_seed(
-                        (self.cfg.seed * 1_000_003 + s.call * 10_007 + s.step) % (2 ** 63))
+                    # From the seed and the step only, not the call count: the same call twice (a
+                    # resumed batch row, a re-run in the app) must give the same picture.
+                    gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + s.step) % (2 ** 63))
                 m = matching.bipartite(x.detach(), windows, amount, shared, gen)
             else:
                 m = matching.window_pool(x.detach(), windows, amount)

@@ -66,3 +66,16 @@ def test_whole_preset_applies_cache_and_tokens_and_removes_cleanly(tiny_cache, n
     assert psnr(base, out) > STACKED_FLOOR_DB
     assert state_of(pipe) == before
     assert np.array_equal(run(pipe, name, num_inference_steps=STEPS), base)
+
+
+def test_random_destinations_repeat_from_call_to_call(tiny_cache):
+    # The random merge destinations come from the config's seed and the step, not from how many
+    # calls the pipeline made: a resumed batch row or an app re-run must give the same picture.
+    pipe = tiny_cache("sd15")
+    outputs = {}
+    for seed in (0, 1):
+        with accel.applied(pipe, Config(tokens=TokenConfig(ratio=0.5, use_rand=True, seed=seed))):
+            outputs[seed] = [run(pipe, "sd15", num_inference_steps=STEPS) for _ in range(2)]
+    (first, again), (other_seed, _) = outputs[0], outputs[1]
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other_seed)
