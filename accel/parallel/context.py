@@ -9,6 +9,8 @@ a larger value a new pipeline call) so they work without wrapping the scheduler,
 
 from __future__ import annotations
 
+import datetime
+
 from dataclasses import dataclass, field
 
 import torch
@@ -45,20 +47,23 @@ class Groups:
         self.cfg_index, self.inner_index = divmod(self.local_rank, cfg.inner)
         self.cfg_group = self.inner_group = self.replica_group = None
         # new_group is collective: every rank creates every group (of every copy), in the same order.
+        # Each gets the config's collective timeout (torch would give new groups its own default,
+        # 30 min for gloo, and a dead rank would hang the others that long).
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
         for base in range(0, n, size):
             for i in range(cfg.inner):
                 ranks = [base + c * cfg.inner + i for c in range(cfg.cfg)]
-                g = dist.new_group(ranks) if cfg.cfg > 1 else None
+                g = dist.new_group(ranks, timeout=timeout) if cfg.cfg > 1 else None
                 if self.rank in ranks:
                     self.cfg_group = g
             for c in range(cfg.cfg):
                 ranks = [base + c * cfg.inner + i for i in range(cfg.inner)]
-                g = dist.new_group(ranks) if cfg.inner > 1 else None
+                g = dist.new_group(ranks, timeout=timeout) if cfg.inner > 1 else None
                 if self.rank in ranks:
                     self.inner_group = g
             if replicas > 1 and size > 1:
                 ranks = list(range(base, base + size))
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=timeout)
                 if self.rank in ranks:
                     self.replica_group = g
 
