@@ -81,10 +81,24 @@ def _has_pyav():
     (["--out", "picture.bmp"], "use a .png"),
     (["--frames", "9"], "makes images, not video"),
 ])
-def test_bad_arguments_exit_nonzero_with_one_line(args, fragment, tmp_path):
-    r = _run("generate", "--prompt", "x", *args, cwd=tmp_path)
-    assert r.returncode == 2
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("WARNING", "["))]
-    assert len(lines) == 1, r.stderr
+def test_bad_arguments_exit_nonzero_with_one_line(args, fragment, tmp_path, monkeypatch, capsys):
+    # In process (`main` is what the `accel` script runs); the subprocess test below checks the script.
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc = main(["generate", "--prompt", "x", *args])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    _assert_one_error_line(rc, capsys.readouterr().err, fragment)
+
+
+def test_the_accel_script_prints_one_error_line(tmp_path):
+    r = _run("generate", "--prompt", "x", "--model", "tiny-nope", cwd=tmp_path)
+    _assert_one_error_line(r.returncode, r.stderr, "unknown built-in model 'tiny-nope'")
+
+
+def _assert_one_error_line(rc, stderr, fragment):
+    assert rc == 2
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("WARNING", "["))]
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("accel: error:") and fragment in lines[0], lines[0]
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in stderr
