@@ -143,7 +143,10 @@ class StepTracker:
     def _before_forward(self, adapter: Adapter, inputs: dict) -> None:
         s = self.state
         t = inputs.get("timestep")
-        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) and t.numel() else (float(t) if t is not None else None)
+        if isinstance(t, torch.Tensor):
+            t = float(t.flatten()[0]) if t.numel() else None
+        elif t is not None:
+            t = float(t)
         if not self._watching_scheduler:
             if s.call == 0 or (t is not None and s.timestep is not None and t > s.timestep):
                 self._start_call()

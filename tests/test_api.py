@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers.hooks import ModelHook
+from helpers.snapshot import run, state_of
 
 import accel
 from accel import api
 from accel.families import Adapter
 from accel.pipelines import tiny
-from helpers.snapshot import run, state_of
 
 FAMILY_OF = {"sd15": "sd15", "sdxl": "sdxl", "animatediff": "animatediff", "flux": "flux", "sd3": "sd3",
              "pixart": "pixart", "cogvideox": "cogvideox", "wan": "wan", "wan22": "wan", "ltx": "ltx",
@@ -25,7 +25,6 @@ class _Probe:
 
     def __init__(self, target, cfg):
         self.seen = {"attention": 0, "blocks": 0}
-        probe = self
         for a in target.adapters:
             for site in a.attention():
                 target.ledger.set_processor(site.module, _CountingProcessor(site.module.processor, self))

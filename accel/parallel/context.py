@@ -10,7 +10,6 @@ a larger value a new pipeline call) so they work without wrapping the scheduler,
 from __future__ import annotations
 
 import datetime
-
 from dataclasses import dataclass, field
 
 import torch

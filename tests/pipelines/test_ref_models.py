@@ -12,7 +12,7 @@ from accel.pipelines.load import ModelLoadError, builtin_models, load
 # Floors for the few-step CI runs below (the trained figures, on more prompts and steps, are in
 # BENCHMARKS.md "Reference models"); they sit well above chance (1/7 colours, 1/5 shapes, 1/4
 # directions), so an untrained or broken model fails them.
-SD_FLOOR = {"colour": 0.7, "shape": 0.5}
+IMAGE_FLOOR = {"ref-sd": {"colour": 0.7, "shape": 0.5}, "ref-dit": {"colour": 0.7, "shape": 0.5}}
 VIDEO_FLOOR = {"direction": 0.5}
 
 SHIPPED = sorted(ref.shipped())
@@ -117,12 +117,14 @@ def test_ref_sd_same_seed_same_picture(ref_cache):
     assert not np.array_equal(first, other)
 
 
-@pytest.mark.skipif("ref-sd" not in SHIPPED, reason="ref-sd is not trained in this checkout")
-def test_ref_sd_draws_the_asked_colour_and_shape(ref_cache):
+@pytest.mark.parametrize("name", ["ref-sd", "ref-dit"])
+def test_image_reference_models_draw_the_asked_colour_and_shape(name, ref_cache):
+    if name not in SHIPPED:
+        pytest.skip(f"{name} is not trained in this checkout")
     scenes = shapes.held_out_scenes(8, n_shapes=1)
-    images = _image_call(ref_cache("ref-sd"), [s.prompt for s in scenes])
-    score = checker.score_images(images, scenes)
-    assert score["colour"] >= SD_FLOOR["colour"] and score["shape"] >= SD_FLOOR["shape"], score
+    call = _image_call if name == "ref-sd" else _dit_call
+    score = checker.score_images(call(ref_cache(name), [s.prompt for s in scenes]), scenes)
+    assert score["colour"] >= IMAGE_FLOOR[name]["colour"] and score["shape"] >= IMAGE_FLOOR[name]["shape"], score
 
 
 @pytest.mark.skipif("ref-video" not in SHIPPED, reason="ref-video is not trained in this checkout")

@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import call_defaults
+from . import call_defaults, train_sd
 from . import components as C
-from . import train_sd
 
 SIZE = train_sd.SIZE
 CALL = call_defaults("ref-dit")  # what a good call of the trained model looks like
@@ -71,14 +69,14 @@ def train_transformer(transformer, clip, t5, tok, pool, scale: float, steps: int
                       shift: float = 2.0) -> float:
     from diffusers import FluxPipeline
 
-    means, stds, prompts = pool
+    means, weights, prompts = pool
     c, h, w = means.shape[1:]
     img_ids = FluxPipeline._prepare_latent_image_ids(batch, h // 2, w // 2, "cpu", torch.float32)
     txt_ids = torch.zeros(C.MAX_TOKENS, 3)
 
     def loss_fn(g):
         idx = torch.randint(len(means), (batch,), generator=g)
-        x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
+        x0 = (means[idx] + train_sd.LATENT_NOISE * torch.randn(means[idx].shape, generator=g)) * scale
         texts = ["" if float(torch.rand((), generator=g)) < 0.1 else prompts[i] for i in idx.tolist()]
         pooled, tokens = encode(clip, t5, tok, texts)
         u = torch.rand(batch, generator=g)
@@ -88,7 +86,8 @@ def train_transformer(transformer, clip, t5, tok, pool, scale: float, steps: int
         xt = FluxPipeline._pack_latents((1 - s) * x0 + s * noise, batch, c, h, w)
         pred = transformer(hidden_states=xt, timestep=sigma, pooled_projections=pooled, encoder_hidden_states=tokens,
                            txt_ids=txt_ids, img_ids=img_ids).sample
-        return F.mse_loss(pred, FluxPipeline._pack_latents(noise - x0, batch, c, h, w))
+        weight = FluxPipeline._pack_latents(weights[idx].expand(-1, c, -1, -1), batch, c, h, w)
+        return train_sd.weighted_mse(pred, FluxPipeline._pack_latents(noise - x0, batch, c, h, w), weight)
 
     return C.fit([transformer, clip, t5], loss_fn, steps, lr, seed, "transformer")
 
@@ -131,7 +130,9 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
     call = {k: v for k, v in CALL.items() if k != "num_inference_steps"}
-    scores = train_sd.evaluate(pipe, args.eval, steps=CALL["num_inference_steps"], guidance=0.0, **call) if args.eval else {}
+    scores = {}
+    if args.eval:
+        scores = train_sd.evaluate(pipe, args.eval, steps=CALL["num_inference_steps"], guidance=0.0, **call)
     record = {"seed": args.seed, "vae_from": str(args.vae_from), "steps": args.steps, "batch": args.batch,
               "pool": args.pool, "loss": loss, "train_seconds": round(t_train), "held_out": scores,
               "eval": f"{CALL['num_inference_steps']} steps, true_cfg_scale {CALL['true_cfg_scale']}, seed 0"}
