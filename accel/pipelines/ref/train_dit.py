@@ -114,7 +114,7 @@ def main(argv=None) -> None:
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval()
     else:
         vae = train_sd.build_vae()
-        train_sd.train_vae(vae, rng, 300, 16, lr=2e-3)
+        train_sd.train_vae(vae, rng, train_sd.VAE_STEPS, 16, lr=2e-3)
     pool = train_sd.latent_pool(vae, rng, args.pool)
     if vae.config.scaling_factor == 0.18215:  # a freshly trained one: the SD default, not fitted yet
         vae.register_to_config(scaling_factor=float(1.0 / pool[0].std()))
