@@ -12,9 +12,10 @@ from accel.pipelines.load import ModelLoadError, builtin_models, load
 # Floors for the few-step CI runs below (the trained figures, on more prompts and steps, are in
 # BENCHMARKS.md "Reference models"); they sit well above chance (1/7 colours, 1/5 shapes, 1/4
 # directions), so an untrained or broken model fails them.
-# ref-dit as shipped scores 0.75 colour / 0.50 shape on this 8-prompt, 10-step call (0.88 / 0.37 on
-# the 60-prompt, 20-step evaluation): its floors sit below that, well above chance.
-IMAGE_FLOOR = {"ref-sd": {"colour": 0.7, "shape": 0.5}, "ref-dit": {"colour": 0.6, "shape": 0.3}}
+# As shipped, on this 8-prompt, 10-step call: ref-sd 0.88 colour / 0.50 shape, ref-dit 0.75 / 0.50
+# (0.85 / 0.37 and 0.88 / 0.37 on the 60-prompt, 20-step evaluation). Floors sit below that, well
+# above chance, so a broken or untrained model fails them.
+IMAGE_FLOOR = {"ref-sd": {"colour": 0.6, "shape": 0.3}, "ref-dit": {"colour": 0.6, "shape": 0.3}}
 VIDEO_FLOOR = {"direction": 0.5}
 
 SHIPPED = sorted(ref.shipped())
