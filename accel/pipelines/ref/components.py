@@ -43,6 +43,24 @@ def setup(threads: int, seed: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def add_common_args(ap, name: str, pool: int, what: str, n_eval: int) -> None:
+    """The options every training script takes: seed, pool of ``pool`` rendered ``what``, threads,
+    held-out evaluation size, output folder (``MODELS_DIR/name``)."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=pool, help=f"rendered training {what} (latents cached)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval", type=int, default=n_eval, help="held-out prompts scored at the end")
+    ap.add_argument("--out", type=Path, default=MODELS_DIR / name)
+
+
+def begin(args):
+    """`setup` from the common options; returns (numpy rng, start time, word tokenizer)."""
+    import numpy as np
+
+    setup(args.threads, args.seed)
+    return np.random.default_rng(args.seed), time.time(), word_tokenizer()
+
+
 class EMA:
     """Exponential moving average of a module's parameters (with the usual warm-up)."""
 

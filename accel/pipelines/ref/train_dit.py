@@ -19,7 +19,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import call_defaults, train_sd
@@ -94,29 +93,23 @@ def train_transformer(transformer, clip, t5, tok, pool, scale: float, steps: int
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0)
+    C.add_common_args(ap, "ref-dit", pool=6000, what="scenes", n_eval=60)
     ap.add_argument("--steps", type=int, default=3000, help="transformer steps")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--pool", type=int, default=6000, help="rendered training scenes (latents cached)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval", type=int, default=60, help="held-out prompts scored at the end")
     ap.add_argument("--vae-from", type=Path, default=C.MODELS_DIR / "ref-sd",
                     help="a ref-sd folder whose autoencoder to share (trained here if it has none)")
-    ap.add_argument("--out", type=Path, default=C.MODELS_DIR / "ref-dit")
     args = ap.parse_args(argv)
     from diffusers import AutoencoderKL, FluxPipeline
 
-    C.setup(args.threads, args.seed)
-    rng = np.random.default_rng(args.seed)
-    t0 = time.time()
-    tok = C.word_tokenizer()
-    if (args.vae_from / "vae" / "config.json").is_file():
+    rng, t0, tok = C.begin(args)
+    shared = (args.vae_from / "vae" / "config.json").is_file()
+    if shared:
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval()
     else:
         vae = train_sd.build_vae()
         train_sd.train_vae(vae, rng, train_sd.VAE_STEPS, 16, lr=2e-3)
     pool = train_sd.latent_pool(vae, rng, args.pool)
-    if vae.config.scaling_factor == 0.18215:  # a freshly trained one: the SD default, not fitted yet
+    if not shared:  # trained here: fit the latent scale to unit variance
         vae.register_to_config(scaling_factor=float(1.0 / pool[0].std()))
     scale = vae.config.scaling_factor
     clip, t5 = build_text_encoders(tok)

@@ -175,43 +175,34 @@ def evaluate(pipe, n: int = 60, steps: int = 20, guidance: float = 5.0, seed: in
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0)
+    C.add_common_args(ap, "ref-sd", pool=6000, what="scenes", n_eval=60)
     ap.add_argument("--vae-steps", type=int, default=VAE_STEPS)
     ap.add_argument("--unet-steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--pool", type=int, default=6000, help="rendered training scenes (latents cached)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval", type=int, default=60, help="held-out prompts scored at the end")
-    ap.add_argument("--out", type=Path, default=C.MODELS_DIR / "ref-sd")
     ap.add_argument("--resume", type=Path, help="a saved ref-sd folder: keep its VAE, train its UNet + text encoder on")
     ap.add_argument("--vae-from", type=Path,
                     help="a saved ref-sd folder: keep its VAE, train a new UNet + text encoder")
     args = ap.parse_args(argv)
     from diffusers import StableDiffusionPipeline
 
-    C.setup(args.threads, args.seed)
-    rng = np.random.default_rng(args.seed)
-    t0 = time.time()
-    tok = C.word_tokenizer()
+    rng, t0, tok = C.begin(args)
+    vae_loss = None
     if args.resume:
         old = StableDiffusionPipeline.from_pretrained(args.resume)
-        vae, text_encoder, unet, vae_loss = old.vae.eval(), old.text_encoder, old.unet, None
-        pool = latent_pool(vae, rng, args.pool)
-        scale = vae.config.scaling_factor
+        vae, text_encoder, unet = old.vae.eval(), old.text_encoder, old.unet
     elif args.vae_from:
         from diffusers import AutoencoderKL
 
-        vae, vae_loss = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval(), None
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval()
         text_encoder, unet = build_text_encoder(tok), build_unet()
-        pool = latent_pool(vae, rng, args.pool)
-        scale = vae.config.scaling_factor
     else:
         vae, text_encoder, unet = build_vae(), build_text_encoder(tok), build_unet()
         vae_loss = train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=2e-3)
-        pool = latent_pool(vae, rng, args.pool)
-        scale = float(1.0 / pool[0].std())
-        vae.register_to_config(scaling_factor=scale)
+    pool = latent_pool(vae, rng, args.pool)
+    if vae_loss is not None:  # trained here: fit the latent scale to unit variance
+        vae.register_to_config(scaling_factor=float(1.0 / pool[0].std()))
+    scale = vae.config.scaling_factor
     t_vae = time.time() - t0
     print(f"latent pool {len(pool[2])} scenes, scaling_factor {scale:.4f} ({time.time() - t0:.0f}s)", flush=True)
     unet_loss = train_unet(unet, text_encoder, tok, pool, scale, args.unet_steps, args.batch, 2e-3, args.seed)

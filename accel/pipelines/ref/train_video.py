@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -150,22 +149,15 @@ def evaluate(pipe, n: int = 24, steps: int = 20, guidance: float = 5.0, seed: in
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0)
+    C.add_common_args(ap, "ref-video", pool=800, what="clips", n_eval=24)
     ap.add_argument("--vae-steps", type=int, default=200)
     ap.add_argument("--steps", type=int, default=350, help="transformer steps")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--vae-batch", type=int, default=4)
-    ap.add_argument("--pool", type=int, default=800, help="rendered training clips (latents cached)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval", type=int, default=24, help="held-out prompts scored at the end")
-    ap.add_argument("--out", type=Path, default=C.MODELS_DIR / "ref-video")
     args = ap.parse_args(argv)
     from diffusers import WanPipeline
 
-    C.setup(args.threads, args.seed)
-    rng = np.random.default_rng(args.seed)
-    t0 = time.time()
-    tok = C.word_tokenizer()
+    rng, t0, tok = C.begin(args)
     vae, text_encoder, transformer = build_vae(), build_text_encoder(tok), build_transformer()
     vae_loss = train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=2e-3)
     t_vae = time.time() - t0
