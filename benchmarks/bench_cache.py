@@ -14,6 +14,9 @@ baseline's median (>1 is faster) and PSNR/SSIM of the output against the baselin
 
     python benchmarks/bench_cache.py            # full run (~15 min on 2 busy CPU cores)
     python benchmarks/bench_cache.py --quick    # a smoke run
+    # the issue's sizes: SD1.5 width at 512 px, 25 steps; Flux width (24 heads) at reduced depth
+    python benchmarks/bench_cache.py --threads 1 --repeats 2 --peers-only --unet-width 320 --unet-px 512 \
+        --flux-heads 24 --flux-dual 1 --flux-single 2 --flux-px 256
 """
 
 from __future__ import annotations
@@ -123,32 +126,33 @@ def table(title, rows, notes):
     sys.stdout.flush()
 
 
-def run_rows_interleaved(pipe, kwargs, repeats, variants):
-    """Like `run_rows`, but round-robin: repeat r of every row runs before repeat r+1 of any, so the
-    machine's load drift hits every row alike (for close comparisons such as ours vs a peer)."""
-    pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+def run_rows(pipe, kwargs, repeats, variants):
+    """Every row ``repeats`` times, round-robin: repeat r of every row runs before repeat r+1 of
+    any, so the machine's load drift hits every row alike. A row that raises (a peer that cannot
+    run here) is reported with its error and dropped from later rounds."""
+    pipe(**kwargs, generator=torch.Generator().manual_seed(0))  # untimed warm-up: first-call set-up costs
     samples = {name: [] for name, *_ in variants}
-    for _ in range(repeats):
-        for name, setup, teardown, *own in variants:
-            samples[name].append(measure(own[0] if own else pipe, kwargs, 1, setup, teardown))
+    errors = {}
+    for r in range(repeats):
+        for name, setup, teardown, *own in variants:  # own: a separate pipeline copy for a peer that patches
+            if name in errors:
+                continue
+            try:
+                samples[name].append(measure(own[0] if own else pipe, kwargs, 1, setup, teardown))
+            except Exception as e:  # reported, not fatal
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                continue
+            cpu, _, out, _ = samples[name][-1]
+            print(f"  [{r + 1}/{repeats}] {name}: {cpu:.2f} CPU s, {compare(samples['baseline'][0][2], out)}",
+                  file=sys.stderr, flush=True)
     rows = []
     for name, *_ in variants:
         runs = samples[name]
+        if name in errors:
+            rows.append((name, 0, 0, None, None, errors[name]))
+            continue
         rows.append((name, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
                      runs[-1][2], runs[-1][3], None))
-    return rows
-
-
-def run_rows(pipe, kwargs, repeats, variants):
-    pipe(**kwargs, generator=torch.Generator().manual_seed(0))  # untimed warm-up: first-call set-up costs
-    rows = []
-    for name, setup, teardown, *own in variants:  # own: a separate pipeline copy for a peer that patches
-        try:
-            t, wall, out, st = measure(own[0] if own else pipe, kwargs, repeats, setup, teardown)
-            rows.append((name, t, wall, out, st, None))
-            print(f"  done {name}: {t:.2f} CPU s, {compare(rows[0][3], out)}", file=sys.stderr, flush=True)
-        except Exception as e:  # a peer that cannot run here is reported, not fatal
-            rows.append((name, 0, 0, None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
     return rows
 
 
@@ -174,7 +178,9 @@ def bench_unet(args):
         variants.append((f"ours deepcache interval={interval} branch=1", *ours(pipe, dict(method="deepcache",
                                                                                           interval=interval))))
         variants.append((f"peer DeepCache interval={interval} branch_id=0", *deepcache_peer(interval, 0)))
-    variants.append(("ours deepcache interval=3 branch=2", *ours(pipe, dict(method="deepcache", interval=3, branch=2))))
+    if not args.peers_only:
+        variants.append(("ours deepcache interval=3 branch=2",
+                         *ours(pipe, dict(method="deepcache", interval=3, branch=2))))
     variants.append(("ours deepcache interval=5 nonuniform", *ours(pipe, dict(method="deepcache", interval=5,
                                                                                 schedule="nonuniform"))))
     rows = run_rows(pipe, kwargs, args.repeats, variants)
@@ -228,10 +234,10 @@ def bench_flux(args):
         variants.append((f"peer diffusers FirstBlockCache threshold={th}", *diffusers_fbc(th)))
     for th in args.thresholds:
         variants.append((f"peer para-attn FBCache threshold={th}", *para_attn_fbc(th)))
-    if args.peers_only:  # ours vs diffusers' FirstBlockCache at each threshold, interleaved
-        variants = [v for v in variants if "para-attn" not in v[0]]
-        rows = run_rows_interleaved(pipe, kwargs, args.repeats, variants)
-        table("Flux-shaped transformer: ours vs diffusers FirstBlockCache, interleaved", rows, [
+    if args.peers_only:  # ours vs the peers at each threshold only
+        variants = [v for v in variants if v[0] == "baseline" or "threshold=" in v[0] and "taylor" not in v[0]]
+        rows = run_rows(pipe, kwargs, args.repeats, variants)
+        table("Flux-shaped transformer: ours vs the peers", rows, [
             f"{args.flux_dual}+{args.flux_single} blocks, width {args.flux_heads * 128}, {args.flux_px} px, "
             f"{args.flux_steps} steps; rows measured round-robin, median of {args.repeats}; CPU time"])
         return
@@ -257,7 +263,9 @@ def bench_flux(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers-only", action="store_true",
-                    help="flux: only ours vs diffusers FirstBlockCache per threshold, measured round-robin")
+                    help="only the rows that have a peer (plus the UNet's nonuniform schedule)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                    help="torch threads (1: the CPU time does not inflate with other jobs' load)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, one repeat")
     ap.add_argument("--only", choices=("unet", "flux"), help="run one of the two models")
     ap.add_argument("--repeats", type=int, default=1)
@@ -275,7 +283,7 @@ def main(argv=None):
     if args.quick:
         args.repeats, args.unet_steps, args.flux_steps, args.unet_px, args.flux_px = 1, 6, 6, 128, 128
         args.intervals, args.thresholds = [3], [0.3]
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.threads))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, machine: 2-core CPU, shared/noisy")
     if args.only in (None, "unet"):
         bench_unet(args)

@@ -224,8 +224,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="repeats (default 2; 1 at 1024 px)")
     ap.add_argument("--cfg", action="store_true", help="UNet: batch 2 with CFG (default batch 1)")
     ap.add_argument("--layers", type=int, default=1, help="DiT depth (Wan 2.1 1.3B: 30)")
+    ap.add_argument("--threads", type=int, default=min(torch.get_num_threads(), 2),
+                    help="torch threads (1: the CPU time does not inflate with other jobs' load)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(max(1, args.threads))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, load {os.getloadavg()}")
     parts = args.part or PARTS
     if args.quick:

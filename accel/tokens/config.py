@@ -33,7 +33,9 @@ class TokenConfig(ConfigBase):
     destination within each window), ``max_downsample`` (UNets: deepest level still merged, 1 is
     the top resolution only), ``merge_attn``/``merge_crossattn``/``merge_mlp`` (BasicTransformerBlock
     only), ``schedule``/``ratio_end`` (ratio moves from ``ratio`` at the first step to ``ratio_end``
-    at the last), ``skip_blocks`` (DiTs: first and last N blocks keep every token), ``seed``.
+    at the last), ``skip_blocks`` (DiTs: first and last N blocks keep every token), ``seed``,
+    ``min_tokens`` (a call whose image/video grid at the top resolution has fewer tokens is left
+    whole: at small sizes reduction costs fidelity and saves nothing).
     Text tokens are never merged, pooled or pruned.
     """
 
@@ -53,6 +55,7 @@ class TokenConfig(ConfigBase):
     refresh_interval: int = spec(3, min=1, help="prune: every Nth run of a block computes every token")
     skip_blocks: int = spec(0, min=0, help="DiTs: the first and last N blocks keep every token")
     seed: int = spec(0, min=0, help="seed of the random destinations (the pipeline's RNG is not touched)")
+    min_tokens: int = spec(0, min=0, help="calls with fewer image/video tokens (top resolution) keep every token")
 
     @property
     def enabled(self) -> bool:
@@ -93,10 +96,17 @@ _UNETS = ("sd15", "sdxl", "animatediff")
 _VIDEO_DITS = ("cogvideox", "wan", "ltx", "hunyuanvideo")
 
 
+# Every preset leaves calls under 4096 image/video tokens whole (`min_tokens`): the smallest size
+# measured to pay (SD1.5 at 512 px: 1.1-1.26x); on the trained 64 px reference models (256 and 64
+# tokens) reduction gave no speed (0.95-1.17x) for 27-38 dB (BENCHMARKS.md "Reference models").
+MIN_TOKENS = 4096
+
+
 def _per_family(unet: dict, dit: dict, video_dit: dict) -> dict:
     # SDXL has no attention at the top level: its first attention level is 2x down
-    return {"*": dit, **{f: dict(unet) for f in _UNETS}, "sdxl": {**unet, "max_downsample": 2},
-            **{f: dict(video_dit) for f in _VIDEO_DITS}}
+    table = {"*": dit, **{f: dict(unet) for f in _UNETS}, "sdxl": {**unet, "max_downsample": 2},
+             **{f: dict(video_dit) for f in _VIDEO_DITS}}
+    return {f: {**v, "min_tokens": MIN_TOKENS} for f, v in table.items()}
 
 
 PRESETS: dict = {

@@ -42,6 +42,8 @@ class TokenState:
     # --- per call facts -----------------------------------------------------------------------
     def ratio(self) -> float:
         s = self.tracker.state
+        if self.cfg.min_tokens and math.prod(s.grid or (0,)) < self.cfg.min_tokens:
+            return 0.0
         return self.cfg.ratio_at(s.step, s.total_steps)
 
     def grid(self, n: int) -> tuple[int, int, int] | None:

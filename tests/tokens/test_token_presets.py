@@ -1,11 +1,16 @@
 """The token part of the presets: defined for every family, composed with the cache part, applied
-to tiny pipelines with a fidelity floor.
+to tiny pipelines with a fidelity floor, and left out below its ``min_tokens``.
+
+The tiny pipelines are far below the presets' ``min_tokens`` (4096 image/video tokens), so the
+fidelity tests lower it to 0 to exercise the preset's setting itself.
 
 Floors are PSNR against the same pipeline's unaccelerated output (same seed) on tiny
 random-weight models, token part alone: ``FLOOR_DB`` per preset. The whole preset (cache and
 tokens stacked) must stay above ``STACKED_FLOOR_DB``. BENCHMARKS.md "## Token merging" has the
 full-size numbers the presets were chosen from.
 """
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -22,6 +27,30 @@ from accel.tokens.config import PRESETS, TokenConfig
 FLOOR_DB = {"safe": 40.0, "balanced": 35.0, "fast": 30.0}  # measured: 45-61 dB at these presets
 STACKED_FLOOR_DB = 20.0
 STEPS = 4
+
+
+def _ungated(tokens: TokenConfig) -> TokenConfig:
+    return dataclasses.replace(tokens, min_tokens=0)
+
+
+@pytest.mark.parametrize("name", ["sd15", "flux"])
+def test_token_preset_leaves_calls_under_min_tokens_whole(tiny_cache, name):
+    # tiny pipelines have 16-64 image tokens, far under the presets' 4096: bitwise untouched
+    pipe = tiny_cache(name)
+    tokens = accel.preset("fast", name).tokens
+    assert tokens.min_tokens >= 4096
+    base = run(pipe, name, num_inference_steps=STEPS)
+    with accel.applied(pipe, Config(tokens=tokens)):
+        out = run(pipe, name, num_inference_steps=STEPS)
+        stats = accel.stats(pipe)
+    assert stats["tokens"]["realised_ratio"] == 0, stats["tokens"]
+    np.testing.assert_array_equal(out, base)
+    # at exactly this call's token count the same setting reduces: the gate reads the call's grid
+    n = int(np.prod(stats["grid"]))
+    assert n < tokens.min_tokens
+    with accel.applied(pipe, Config(tokens=dataclasses.replace(tokens, min_tokens=n))):
+        run(pipe, name, num_inference_steps=STEPS)
+        assert accel.stats(pipe)["tokens"]["realised_ratio"] > 0.05
 
 
 @pytest.mark.parametrize("level", ["safe", "balanced", "fast"])
@@ -44,7 +73,7 @@ def test_every_family_has_an_enabled_token_preset_composed_with_the_cache(level)
 def test_token_preset_reduces_tokens_above_its_floor(tiny_cache, name, level):
     pipe = tiny_cache(name)
     base = run(pipe, name, num_inference_steps=STEPS)
-    tokens_only = Config(tokens=accel.preset(level, name).tokens)
+    tokens_only = Config(tokens=_ungated(accel.preset(level, name).tokens))
     with accel.applied(pipe, tokens_only):
         out = run(pipe, name, num_inference_steps=STEPS)
         stats = accel.stats(pipe)["tokens"]
@@ -58,7 +87,8 @@ def test_whole_preset_applies_cache_and_tokens_and_removes_cleanly(tiny_cache, n
     pipe = tiny_cache(name)
     base = run(pipe, name, num_inference_steps=STEPS)
     before = state_of(pipe)
-    with accel.applied(pipe, "balanced"):
+    whole = accel.preset("balanced", name)
+    with accel.applied(pipe, dataclasses.replace(whole, tokens=_ungated(whole.tokens))):
         out = run(pipe, name, num_inference_steps=STEPS)
         stats = accel.stats(pipe)
     assert stats["tokens"]["realised_ratio"] > 0.05, stats["tokens"]
