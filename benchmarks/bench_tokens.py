@@ -140,7 +140,7 @@ SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 
 
-def bench_unet(size, steps, repeats, ratios, cfg_batch=True):
+def bench_unet(size, steps, repeats, ratios, cfg_batch=True, like_tomesd=False, only=None):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -169,6 +169,13 @@ def bench_unet(size, steps, repeats, ratios, cfg_batch=True):
     for r in ratios:
         configs[f"ours merge {r}"] = (lambda r=r: accel.apply(unet, {"tokens": {"ratio": r}}),
                                       lambda: accel.remove(unet))
+    if like_tomesd:  # tomesd's matching: a new one in every block; no random destinations at odd batches
+        for r in ratios:
+            cfg = {"ratio": r, "match_per_block": True, "use_rand": batch % 2 == 0}
+            configs[f"ours merge {r} per-block"] = (lambda cfg=cfg: accel.apply(unet, {"tokens": cfg}),
+                                                    lambda: accel.remove(unet))
+    if only:  # a subset of rows (plus the baseline), e.g. a re-run of the like-for-like rows
+        configs = {k: v for k, v in configs.items() if k == "baseline" or k in only}
     title = (f"SD1.5-shaped UNet (random weights), {size} px ({lat}x{lat} latent, {lat * lat} top-level tokens), "
              f"batch {batch}{' (CFG)' if cfg_batch else ''}, {steps} steps")
     res = _measure(configs, lambda: _run_loop(unet, x0, step, steps), repeats, title)
@@ -223,6 +230,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="steps (UNet 2, 1 at 1024 px; DiT 3, 2 at 8192 tokens)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats (default 2; 1 at 1024 px)")
     ap.add_argument("--cfg", action="store_true", help="UNet: batch 2 with CFG (default batch 1)")
+    ap.add_argument("--like-tomesd", action="store_true",
+                    help="UNet: add ours with tomesd's matching (per block; fixed destinations at batch 1)")
+    ap.add_argument("--rows", nargs="+", default=None, help="UNet: only these rows (and the baseline)")
     ap.add_argument("--layers", type=int, default=1, help="DiT depth (Wan 2.1 1.3B: 30)")
     ap.add_argument("--threads", type=int, default=min(torch.get_num_threads(), 2),
                     help="torch threads (1: the CPU time does not inflate with other jobs' load)")
@@ -235,9 +245,11 @@ def main(argv=None):
         bench_dit((2, 16, 32), layers=1, steps=3, repeats=2, refresh=3)
         return
     if "unet512" in parts:
-        bench_unet(512, steps=args.steps or 2, repeats=args.repeats or 2, ratios=(0.3, 0.5), cfg_batch=args.cfg)
+        bench_unet(512, steps=args.steps or 2, repeats=args.repeats or 2, ratios=(0.3, 0.5), cfg_batch=args.cfg,
+                   like_tomesd=args.like_tomesd, only=args.rows)
     if "unet1024" in parts:
-        bench_unet(1024, steps=args.steps or 1, repeats=args.repeats or 1, ratios=(0.3, 0.5), cfg_batch=args.cfg)
+        bench_unet(1024, steps=args.steps or 1, repeats=args.repeats or 1, ratios=(0.3, 0.5), cfg_batch=args.cfg,
+                   like_tomesd=args.like_tomesd, only=args.rows)
     if "dit" in parts:
         bench_dit((4, 32, 32), layers=args.layers, steps=args.steps or 3, repeats=args.repeats or 2, refresh=3)
     if "dit_long" in parts:  # KV pooling pays off as attention's share grows with the token count

@@ -9,12 +9,15 @@ the output against the uncached output of the same seed. Then it applies the pre
 
 Models: the tiny pipelines of `accel.pipelines.tiny` with the DiT families' transformers rebuilt
 at reduced depth (8 blocks: a 1-2 block stack leaves nothing worth caching), random weights;
-``--ref-sd PATH`` adds a trained SD1.5-layout pipeline (ref-sd, trained on procedural shapes),
-whose row is preferred for ``sd15`` since random weights misstate how much features move.
+``--ref-sd PATH`` and ``--ref-dit PATH`` add the trained reference pipelines (SD1.5 layout, Flux
+classes; trained on procedural shapes): their rows decide ``sd15`` and ``flux``, and the PSNR
+offset between each and its random-weight twin corrects the floors of the other UNets and DiTs,
+since random weights misstate how much features move between steps.
 
     python benchmarks/tune_cache.py                       # all families (~10 min on 2 cores)
     python benchmarks/tune_cache.py --families flux wan --quick
-    python benchmarks/tune_cache.py --ref-sd /path/to/ref-sd
+    python benchmarks/tune_cache.py --ref-sd accel/pipelines/ref_models/ref-sd \
+        --ref-dit accel/pipelines/ref_models/ref-dit --json tune.json
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ def dit_grid(quick: bool) -> list[dict]:
     intervals = (2, 3, 4) if quick else (2, 3, 4, 5, 6, 8)
     grid = [dict(method="block", interval=i, warmup_steps=2, taylor_order=o) for i in intervals for o in (0, 1, 2)]
     # DBCache's Bn: one trailing block always computed, at the middle interval
-    return grid + [dict(method="block", interval=3, warmup_steps=2, taylor_order=o, compute_last_n=1) for o in (1, 2)]
+    grid += [dict(method="block", interval=3, warmup_steps=2, taylor_order=o, compute_last_n=1) for o in (1, 2)]
+    # adaptive (first-block-cache style): reuse while the first block's residual moved less than this
+    return grid + [dict(method="block", threshold=t, warmup_steps=2) for t in ((0.1,) if quick else (0.05, 0.1, 0.2))]
 
 
 def label(cfg: dict) -> str:
@@ -91,15 +96,18 @@ def deepen(pipe, name: str, seed: int = 0):
     return pipe
 
 
-def build(name: str, ref_sd: str | None):
-    if name == "ref-sd":
+# trained reference model -> the family whose presets its rows decide
+TRAINED = {"ref-sd": "sd15", "ref-dit": "flux"}
+
+
+def build(name: str, folder: str | None):
+    if name in TRAINED:
+        from accel.pipelines import ref
         from accel.pipelines.load import load
 
-        pipe = load(ref_sd, device="cpu")
+        pipe = load(folder, device="cpu")
         pipe.set_progress_bar_config(disable=True)
-        from accel.pipelines import ref
-
-        kwargs = {**ref.call_defaults("ref-sd"), "prompt": "a red circle and a blue square", "output_type": "np",
+        kwargs = {**ref.call_defaults(name), "prompt": "a red circle and a blue square", "output_type": "np",
                   "negative_prompt": ""}
         return pipe, kwargs
     pipe = tiny.make(name)
@@ -225,6 +233,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=[*UNETS, *DITS], choices=[*UNETS, *DITS])
     ap.add_argument("--ref-sd", help="a trained ref-sd pipeline folder; its rows decide the sd15 presets")
+    ap.add_argument("--ref-dit", help="a trained ref-dit (Flux) pipeline folder; its rows decide the flux presets "
+                                      "and the random-weight offset of every DiT")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", help="also write the tables to this JSON file")
@@ -239,29 +249,34 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, machine: 2-core CPU, shared/noisy, 1 thread, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     names = list(args.families)
-    if args.ref_sd:
-        names.append("ref-sd")
+    folders = {"ref-sd": args.ref_sd, "ref-dit": args.ref_dit}
+    names += [n for n, f in folders.items() if f]
     tables = {}
     if args.from_json:  # re-apply the rule to a saved run
         with open(args.from_json) as f:
             tables, names = json.load(f)["tables"], []
     for name in names:
-        pipe, kwargs = build(name, args.ref_sd)
-        steps = kwargs.get("num_inference_steps", args.steps) if name == "ref-sd" else args.steps
+        pipe, kwargs = build(name, folders.get(name))
+        steps = kwargs.get("num_inference_steps", args.steps) if name in TRAINED else args.steps
         grid = unet_grid(args.quick) if name in (*UNETS, "ref-sd") else dit_grid(args.quick)
         rows = sweep(name, pipe, kwargs, grid, steps, args.repeats)
-        print_table(name if name != "ref-sd" else "ref-sd (trained, 64 px)", rows, steps, args.repeats)
+        print_table(f"{name} (trained, 64 px)" if name in TRAINED else name, rows, steps, args.repeats)
         tables[name] = rows
-    offset = random_offset(tables["sd15"], tables["ref-sd"]) if {"sd15", "ref-sd"} <= set(tables) else RANDOM_OFFSET
+    # Random weights misstate how much features move between steps, and by a different amount in
+    # UNets and DiTs: each kind's offset is measured on its own trained model where it was run.
+    offsets = {}
+    for kind, (fam, trained) in {"unet": ("sd15", "ref-sd"), "dit": ("flux", "ref-dit")}.items():
+        both = {fam, trained} <= set(tables)
+        offsets[kind] = random_offset(tables[fam], tables[trained]) if both else RANDOM_OFFSET
     print(f"\n#### Preset rule: fastest (denoiser) with PSNR >= {', '.join(f'{f:g} dB ({t})' for t, f in TIERS)} "
-          f"on trained weights, +{offset:.1f} dB on random weights; within {SPEED_TIE:.0%} of the fastest the "
-          "higher PSNR wins\n")
+          f"on trained weights, + the random-weight offset on random weights (UNets {offsets['unet']:+.1f} dB, "
+          f"DiTs {offsets['dit']:+.1f} dB); within {SPEED_TIE:.0%} of the fastest the higher PSNR wins\n")
     chosen = {}
     for name, rows in tables.items():
-        fam = "sd15" if name == "ref-sd" else name
-        if name == "sd15" and "ref-sd" in tables:
-            continue  # the trained model decides sd15
-        extra = 0.0 if name == "ref-sd" else offset
+        fam = TRAINED.get(name, name)
+        if any(t in tables and f == name for t, f in TRAINED.items()):
+            continue  # the trained model decides this family
+        extra = 0.0 if name in TRAINED else offsets["unet" if name in UNETS else "dit"]
         above = None
         for tier, floor in TIERS:
             r = pick(rows, floor + extra)
@@ -271,7 +286,7 @@ def main(argv=None):
     dits = {k: v for k, v in tables.items() if k in DITS}
     for tier, floor in TIERS:
         if dits:
-            chosen[tier]["*"] = pick_common(dits, floor + offset)
+            chosen[tier]["*"] = pick_common(dits, floor + offsets["dit"])
     for tier, fams in chosen.items():
         print(f"{tier}:")
         for fam, r in fams.items():
@@ -280,7 +295,7 @@ def main(argv=None):
             print(f"    {fam!r}: {what}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"offset": offset, "tables": tables}, f, default=str)
+            json.dump({"offsets": offsets, "tables": tables}, f, default=str)
     return tables, chosen
 
 

@@ -55,6 +55,8 @@ class TokenConfig(ConfigBase):
     refresh_interval: int = spec(3, min=1, help="prune: every Nth run of a block computes every token")
     skip_blocks: int = spec(0, min=0, help="DiTs: the first and last N blocks keep every token")
     seed: int = spec(0, min=0, help="seed of the random destinations (the pipeline's RNG is not touched)")
+    match_per_block: bool = spec(False, help="merge/pool: match in every block from its own input (tomesd's "
+                                               "way; more faithful, more matching work) instead of once per step")
     min_tokens: int = spec(0, min=0, help="calls with fewer image/video tokens (top resolution) keep every token")
 
     @property

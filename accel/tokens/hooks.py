@@ -52,9 +52,9 @@ class BasicBlockHook(ModelHook):
             ts.record(self.name, n, 0)
             return self.fn_ref.original_forward(*args, **kwargs)
         if ts.cfg.method == "kv_downsample":
-            m = ts.merge_for(x, grid, "pool", amount, shared=True)
+            m = ts.merge_for(x, grid, "pool", amount, shared=True, block=self.name)
         else:
-            m = ts.merge_for(x, grid, "bipartite", amount, shared=False)
+            m = ts.merge_for(x, grid, "bipartite", amount, shared=False, block=self.name)
         ts.record(self.name, n, m.removed)
         ts.current = m
         try:
@@ -183,11 +183,11 @@ class DiTBlockHook(ModelHook):
         if method == "prune":
             return self._prune(module, original, args, kwargs, x, n, ratio)
         if method == "kv_downsample":
-            m = ts.merge_for(x, grid, "pool", int(n * ratio), shared=True)
+            m = ts.merge_for(x, grid, "pool", int(n * ratio), shared=True, block=self.name)
             ts.record(self.name, n, m.removed)
             with RouteSDPA(PoolKV(ts, m, n).attend):
                 return original(*args, **kwargs)
-        m = ts.merge_for(x, grid, "bipartite", int(n * ratio), shared=True)
+        m = ts.merge_for(x, grid, "bipartite", int(n * ratio), shared=True, block=self.name)
         ts.record(self.name, n, m.removed)
         ba = blockio.BlockArgs(module, args, kwargs)
         text_len, where = ts.text()

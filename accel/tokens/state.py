@@ -81,14 +81,15 @@ class TokenState:
             self._windows[key] = matching.Windows(grid, (cfg.st, cfg.sy, cfg.sx), device)
         return self._windows[key]
 
-    def merge_for(self, x: torch.Tensor, grid, kind: str, amount: int, shared: bool) -> matching.Merge:
-        """The step's merge for tokens like ``x``: built by the first block that asks, then reused."""
+    def merge_for(self, x: torch.Tensor, grid, kind: str, amount: int, shared: bool, block: str = "") -> matching.Merge:
+        """The step's merge for tokens like ``x``: built by the first block that asks, then reused
+        (with ``match_per_block``: built by every block from its own input)."""
         s = self.tracker.state
         step_key = (s.call, s.step, s.call_in_step, s.component)
         if step_key != self._merge_key:
             self._merges.clear()
             self._merge_key = step_key
-        key = (kind, x.shape[0], x.shape[1], grid, amount, shared)
+        key = (kind, x.shape[0], x.shape[1], grid, amount, shared, block if self.cfg.match_per_block else "")
         m = self._merges.get(key)
         if m is not None:
             self.reused += 1

@@ -78,3 +78,20 @@ def test_prune_recomputes_exactly_the_kept_tokens_between_refreshes(tiny_cache, 
     calls_per_step = len(seen["q"]) // 4  # Wan runs cond and uncond apart; SD1.5 batches them
     per_step = [seen["q"][i * calls_per_step] for i in range(4)]
     assert per_step == [n, kept, n, kept], seen["q"]  # refresh every 2nd run of the block
+
+
+def test_match_per_block_builds_a_matching_in_every_block(tiny_cache):
+    # Default: one matching per step and resolution, reused by every block of that resolution.
+    # match_per_block (tomesd's way): each block matches its own input, so merges differ by block.
+    pipe = tiny_cache("sd15")
+    counts = {}
+    for per_block in (False, True):
+        with accel.applied(pipe, {"tokens": {"ratio": RATIO, "match_per_block": per_block}}):
+            run(pipe, "sd15", num_inference_steps=2)
+            st = accel.stats(pipe)["tokens"]
+        reduced = sum(b["runs"] for b in st["blocks"].values() if b["removed"] > 0)
+        counts[per_block] = (st["merges_built"], st["merges_reused"], reduced)
+    built, reused, reduced = counts[False]
+    assert built == 2 and reused == reduced - built, counts  # one per step (top level only)
+    built, reused, reduced = counts[True]
+    assert built == reduced and reused == 0, counts
