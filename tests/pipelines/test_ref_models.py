@@ -12,8 +12,8 @@ from accel.pipelines.load import ModelLoadError, builtin_models, load
 # Floors for the few-step CI runs below (the trained figures, on more prompts and steps, are in
 # BENCHMARKS.md "Reference models"); they sit well above chance (1/7 colours, 1/5 shapes, 1/4
 # directions), so an untrained or broken model fails them.
-# As shipped, on this 8-prompt, 10-step call: ref-sd 0.88 colour / 0.50 shape, ref-dit 0.75 / 0.50
-# (0.85 / 0.37 and 0.88 / 0.37 on the 60-prompt, 20-step evaluation). Floors sit below that, well
+# As shipped, on this 8-prompt, 10-step call (each model's own guidance): ref-sd 1.00 colour / 0.50
+# shape, ref-dit 0.75 / 0.50 (0.93 / 0.48 and 0.88 / 0.37 on the 60-prompt, 20-step evaluation). Floors sit below that, well
 # above chance, so a broken or untrained model fails them.
 IMAGE_FLOOR = {"ref-sd": {"colour": 0.6, "shape": 0.3}, "ref-dit": {"colour": 0.6, "shape": 0.3}}
 VIDEO_FLOOR = {"direction": 0.5}
@@ -35,7 +35,7 @@ def ref_cache():
 
 
 def _image_call(pipe, prompts, seed=0, steps=10):
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, output_type="np",
+    return pipe(prompts, **{**ref.call_defaults("ref-sd"), "num_inference_steps": steps}, output_type="np",
                 generator=torch.Generator().manual_seed(seed)).images
 
 

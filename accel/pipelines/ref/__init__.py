@@ -26,7 +26,9 @@ MODELS: dict[str, tuple[str, str]] = {
 # The call each model was trained and measured for (the pipelines' own defaults are sized for the
 # released checkpoints: Wan would render 81 frames of 480x832).
 _CALL_DEFAULTS: dict[str, dict] = {
-    "ref-sd": {"num_inference_steps": 25, "guidance_scale": 5.0, "height": 64, "width": 64},
+    # guidance 2.0: on 60 held-out prompts (20 steps) 0.93 colour / 0.48 shape, against 0.85 / 0.37 at
+    # 5.0 and 0.48 / 0.27 at 10.0 (a small model over-steered by guidance loses its outlines)
+    "ref-sd": {"num_inference_steps": 25, "guidance_scale": 2.0, "height": 64, "width": 64},
     # FluxPipeline's true classifier-free guidance (the model has no distilled guidance embedding).
     "ref-dit": {"num_inference_steps": 20, "true_cfg_scale": 5.0, "negative_prompt": "", "height": 64, "width": 64,
                 "max_sequence_length": 32},

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ...eval import checker, shapes
+from . import call_defaults
 from . import components as C
 
 SIZE = 64
@@ -160,9 +161,12 @@ def train_unet(unet, text_encoder, tok, pool, scale: float, steps: int, batch: i
 
 
 @torch.no_grad()
-def evaluate(pipe, n: int = 60, steps: int = 20, guidance: float = 5.0, seed: int = 0, batch: int = 20,
+def evaluate(pipe, n: int = 60, steps: int = 20, guidance: float | None = None, seed: int = 0, batch: int = 20,
              **call) -> dict:
-    """Checker accuracy on ``n`` held-out single-shape prompts (``call``: extra pipeline arguments)."""
+    """Checker accuracy on ``n`` held-out single-shape prompts (``call``: extra pipeline arguments;
+    ``guidance`` defaults to ref-sd's own, `call_defaults`)."""
+    if guidance is None:
+        guidance = call_defaults("ref-sd")["guidance_scale"]
     scenes = shapes.held_out_scenes(n, n_shapes=1)
     images = []
     for i in range(0, n, batch):
@@ -220,7 +224,8 @@ def main(argv=None) -> None:
               "vae_steps": 0 if args.resume or args.vae_from else args.vae_steps, "unet_steps": args.unet_steps,
               "batch": args.batch,
               "pool": args.pool, "vae_loss": vae_loss, "unet_loss": unet_loss, "vae_seconds": round(t_vae),
-              "train_seconds": round(t_train), "held_out": scores, "eval": "20 steps, guidance 5.0, seed 0"}
+              "train_seconds": round(t_train), "held_out": scores,
+              "eval": f"20 steps, guidance {call_defaults('ref-sd')['guidance_scale']}, seed 0"}
     C.write_record(args.out, record)
     print(f"saved {args.out}; train {t_train:.0f}s; held-out colour {scores.get('colour', float('nan')):.2f} "
           f"shape {scores.get('shape', float('nan')):.2f}", flush=True)
