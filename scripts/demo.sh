@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-accel generate --prompt "${1:-a red circle on a blue background}" --out outputs/demo.png
+# The default model, ref-sd, was trained on procedural shapes: prompts in its vocabulary work best
+# (size, colour, shape, place, background: "a small blue triangle on the right on a gray background").
+accel generate --prompt "${1:-a big red circle in the center on a white background}" --out outputs/demo.png

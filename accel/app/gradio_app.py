@@ -300,7 +300,7 @@ def add_parser(subparsers) -> None:
     from .cli import _positive_int
 
     p = subparsers.add_parser("app", help="web app: generate, and compare accelerated against the baseline")
-    p.add_argument("--model", default=None, help="hub id, local folder or built-in name (default tiny-sd15)")
+    p.add_argument("--model", default=None, help="hub id, local folder or built-in name (default ref-sd)")
     p.add_argument("--gpus", type=_positive_int, default=1,
                    help="load one pipeline per GPU; the queue runs one request per GPU at a time")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -9,12 +9,15 @@ and inaccurate).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 
-DEFAULT_MODEL = "tiny-sd15"
+# The trained reference model (64 px, shipped in the package): a real picture of what the prompt
+# asks for in the data's vocabulary ("a big red circle in the center on a white background").
+DEFAULT_MODEL = "ref-sd"
 DEFAULT_VIDEO_MODEL = "tiny-wan"
 
 
@@ -84,12 +87,36 @@ def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
     return pipe
 
 
-def _from_pretrained(model: str, dtype, local: bool):
-    from diffusers import DiffusionPipeline
+@contextlib.contextmanager
+def _quiet_loading():
+    """No loading progress bars or import-time warnings from diffusers/transformers while a
+    pipeline loads (hub downloads keep huggingface_hub's own bars): the CLI's output stays its
+    own, and an error stays one line."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
 
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(), dlog.get_verbosity(), tlog.get_verbosity())
+    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    dlog.set_verbosity_error(), tlog.set_verbosity_error()
     try:
-        return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=local
-                                                 or bool(os.environ.get("HF_HUB_OFFLINE")))
+        yield
+    finally:
+        (dlog.enable_progress_bar if was[0] else dlog.disable_progress_bar)()
+        (tlog.enable_progress_bar if was[1] else tlog.disable_progress_bar)()
+        dlog.set_verbosity(was[2]), tlog.set_verbosity(was[3])
+
+
+def _from_pretrained(model: str, dtype, local: bool):
+    import diffusers
+    from diffusers import DiffusionPipeline
+    from packaging.version import Version
+
+    # diffusers 0.42 renamed torch_dtype to dtype (the old name warns)
+    dtype_kw = "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
+    try:
+        with _quiet_loading():
+            return DiffusionPipeline.from_pretrained(model, **{dtype_kw: dtype}, local_files_only=local
+                                                     or bool(os.environ.get("HF_HUB_OFFLINE")))
     except Exception as e:
         where = "folder" if local else "hub id (is the network reachable, and the name right?)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
