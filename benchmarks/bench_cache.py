@@ -193,10 +193,20 @@ def bench_unet(args):
 
 
 def bench_flux(args):
-    pipe = flux_pipe(args.flux_heads, args.flux_dual, args.flux_single)
-    kwargs = dict(prompt="a photo of a cat riding a horse on the moon", height=args.flux_px, width=args.flux_px,
-                  num_inference_steps=args.flux_steps, guidance_scale=3.5, max_sequence_length=64,
-                  output_type="np")
+    if args.flux_from:  # a trained Flux pipeline (e.g. ref-dit), called with its own defaults
+        from accel.pipelines import ref
+        from accel.pipelines.load import load
+
+        pipe = load(args.flux_from, device="cpu")
+        pipe.set_progress_bar_config(disable=True)
+        name = os.path.basename(os.path.normpath(args.flux_from))
+        kwargs = {**ref.call_defaults(name), "prompt": "a big red circle in the center on a white background",
+                  "output_type": "np"}
+    else:
+        pipe = flux_pipe(args.flux_heads, args.flux_dual, args.flux_single)
+        kwargs = dict(prompt="a photo of a cat riding a horse on the moon", height=args.flux_px, width=args.flux_px,
+                      num_inference_steps=args.flux_steps, guidance_scale=3.5, max_sequence_length=64,
+                      output_type="np")
 
     def diffusers_fbc(th):
         from diffusers import FirstBlockCacheConfig
@@ -237,9 +247,11 @@ def bench_flux(args):
     if args.peers_only:  # ours vs the peers at each threshold only
         variants = [v for v in variants if v[0] == "baseline" or "threshold=" in v[0] and "taylor" not in v[0]]
         rows = run_rows(pipe, kwargs, args.repeats, variants)
-        table("Flux-shaped transformer: ours vs the peers", rows, [
-            f"{args.flux_dual}+{args.flux_single} blocks, width {args.flux_heads * 128}, {args.flux_px} px, "
-            f"{args.flux_steps} steps; rows measured round-robin, median of {args.repeats}; CPU time"])
+        what = (f"trained pipeline {args.flux_from}, its own call ({kwargs.get('num_inference_steps')} steps)"
+                if args.flux_from else f"{args.flux_dual}+{args.flux_single} blocks, width {args.flux_heads * 128}, "
+                f"{args.flux_px} px, {args.flux_steps} steps, random weights")
+        table("Flux transformer: ours vs the peers", rows, [
+            f"{what}; rows measured round-robin, median of {args.repeats}; CPU time"])
         return
     th = args.thresholds[-1]
     variants.append((f"ours block threshold={th} warmup=2 taylor=1",
@@ -277,6 +289,8 @@ def main(argv=None):
     ap.add_argument("--flux-single", type=int, default=4)
     ap.add_argument("--flux-px", type=int, default=128)
     ap.add_argument("--flux-steps", type=int, default=20)
+    ap.add_argument("--flux-from", help="a trained Flux pipeline folder (e.g. accel/pipelines/ref_models/ref-dit) "
+                                        "instead of the random-weight one")
     ap.add_argument("--intervals", type=int, nargs="+", default=[3, 5])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.4, 0.5, 0.6])
     args = ap.parse_args(argv)
