@@ -220,7 +220,48 @@ def bench_dit(grid, layers, steps, repeats, refresh, methods=None):
     return res
 
 
-PARTS = ("unet512", "unet1024", "dit", "dit_long")
+PARTS = ("unet512", "unet1024", "dit", "dit_long", "matching")
+
+
+# --- part 3: the matching itself, ours vs tomesd --------------------------------------------
+
+def bench_matching(size=1024, channels=320, repeats=5, ratios=(0.3, 0.5)):
+    """Per-block cost of building a matching and of merge + unmerge at SD1.5's top level
+    (``size`` px -> (size/8)^2 tokens of ``channels``), ours vs tomesd, fixed destinations."""
+    from accel.tokens import matching
+
+    h = w = size // 8
+    x = torch.randn(1, h * w, channels, generator=torch.Generator().manual_seed(0))
+    windows = matching.Windows((1, h, w), (1, 2, 2), x.device)
+
+    def cpu_ms(fn):
+        fn()
+        t0 = time.process_time()
+        for _ in range(repeats):
+            fn()
+        return (time.process_time() - t0) / repeats * 1e3
+
+    print(f"\nMatching at {h * w} tokens x {channels} channels (SD1.5 top level at {size} px), "
+          f"CPU ms per block, mean of {repeats}")
+    print("| ratio | tomesd matching | ours matching | tomesd merge+unmerge | ours merge+unmerge |")
+    print("| --- | --- | --- | --- | --- |")
+    try:
+        from tomesd.merge import bipartite_soft_matching_random2d
+    except ImportError:
+        bipartite_soft_matching_random2d = None
+    for ratio in ratios:
+        r = int(h * w * ratio)
+        cols = ["-", "-"]
+        if bipartite_soft_matching_random2d is not None:
+            def peer():
+                return bipartite_soft_matching_random2d(x, w, h, 2, 2, r, no_rand=True)
+
+            pm, pu = peer()
+            cols = [f"{cpu_ms(peer):.0f}", f"{cpu_ms(lambda: pu(pm(x))):.0f}"]
+        ours = matching.bipartite(x, windows, r, False, None)
+        t_match = cpu_ms(lambda: matching.bipartite(x, windows, r, False, None))
+        t_mu = cpu_ms(lambda: ours.unmerge(ours.merge(x)))
+        print(f"| {ratio} | {cols[0]} | {t_match:.0f} | {cols[1]} | {t_mu:.0f} |")
 
 
 def main(argv=None):
@@ -252,6 +293,8 @@ def main(argv=None):
                    like_tomesd=args.like_tomesd, only=args.rows)
     if "dit" in parts:
         bench_dit((4, 32, 32), layers=args.layers, steps=args.steps or 3, repeats=args.repeats or 2, refresh=3)
+    if "matching" in parts:
+        bench_matching(repeats=args.repeats or 5)
     if "dit_long" in parts:  # KV pooling pays off as attention's share grows with the token count
         bench_dit((8, 32, 32), layers=args.layers, steps=args.steps or 2, repeats=args.repeats or 1, refresh=3,
                   methods=("kv_downsample 0.75",))
