@@ -253,14 +253,14 @@ def bench_matching(size=1024, channels=320, repeats=5, ratios=(0.3, 0.5)):
         r = int(h * w * ratio)
         cols = ["-", "-"]
         if bipartite_soft_matching_random2d is not None:
-            def peer():
+            def peer(r=r):
                 return bipartite_soft_matching_random2d(x, w, h, 2, 2, r, no_rand=True)
 
             pm, pu = peer()
-            cols = [f"{cpu_ms(peer):.0f}", f"{cpu_ms(lambda: pu(pm(x))):.0f}"]
+            cols = [f"{cpu_ms(peer):.0f}", f"{cpu_ms(lambda pm=pm, pu=pu: pu(pm(x))):.0f}"]
         ours = matching.bipartite(x, windows, r, False, None)
-        t_match = cpu_ms(lambda: matching.bipartite(x, windows, r, False, None))
-        t_mu = cpu_ms(lambda: ours.unmerge(ours.merge(x)))
+        t_match = cpu_ms(lambda r=r: matching.bipartite(x, windows, r, False, None))
+        t_mu = cpu_ms(lambda m=ours: m.unmerge(m.merge(x)))
         print(f"| {ratio} | {cols[0]} | {t_match:.0f} | {cols[1]} | {t_mu:.0f} |")
 
 

@@ -171,7 +171,8 @@ def sweep(name: str, pipe, kwargs, grid: list[dict], steps: int, repeats: int) -
         c = compare(outs[0], outs[i])
         st = stats.get(i, {})
         rows.append(dict(cfg=cfg, denoiser_s=d, speedup=base_d / d, call_s=t, call_speedup=base_t / t,
-                         hit=st.get("hit_rate", 0.0), psnr=float("inf") if c["psnr"] is None else c["psnr"], ssim=c["ssim"],
+                         hit=st.get("hit_rate", 0.0), psnr=float("inf") if c["psnr"] is None else c["psnr"],
+                         ssim=c["ssim"],
                          reused=st.get("reused", 0), computed=st.get("computed", 0)))
         print(f"  {name}: {label(cfg) if cfg else 'baseline'}: {base_d / d:.2f}x {rows[-1]['psnr']:.1f} dB",
               file=sys.stderr, flush=True)

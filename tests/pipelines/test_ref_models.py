@@ -13,8 +13,8 @@ from accel.pipelines.load import ModelLoadError, builtin_models, load
 # BENCHMARKS.md "Reference models"); they sit well above chance (1/7 colours, 1/5 shapes, 1/4
 # directions), so an untrained or broken model fails them.
 # As shipped, on this 8-prompt, 10-step call (each model's own guidance): ref-sd 1.00 colour / 0.50
-# shape, ref-dit 0.75 / 0.50 (0.93 / 0.48 and 0.88 / 0.37 on the 60-prompt, 20-step evaluation). Floors sit below that, well
-# above chance, so a broken or untrained model fails them.
+# shape, ref-dit 0.75 / 0.50 (0.93 / 0.48 and 0.88 / 0.37 on the 60-prompt, 20-step evaluation).
+# Floors sit below that, well above chance, so a broken or untrained model fails them.
 IMAGE_FLOOR = {"ref-sd": {"colour": 0.6, "shape": 0.3}, "ref-dit": {"colour": 0.6, "shape": 0.3}}
 VIDEO_FLOOR = {"direction": 0.5}
 
