@@ -15,7 +15,8 @@ writes them to ``training.json`` beside the weights.
 Measured (BENCHMARKS.md, "Reference models"): an autoencoder trained on 5-frame windows only ever
 runs the encoder's first two 4-frame chunks, and its later chunks (the causal cache of a cached
 chunk) wash every clip out to white after frame 5: held-out clips round-tripped at 0.17-0.29
-direction whatever the steps. Windows of 9 frames train the steady state.
+direction whatever the steps. Windows of 9 frames train the steady state: 0.58 direction at 500
+steps, 0.92 direction / 0.75 colour / 0.62 shape at 2000 (the denoiser's ceiling).
 """
 
 from __future__ import annotations
