@@ -208,12 +208,17 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-from", type=Path,
                     help="a saved ref-video folder: keep its VAE, train a new transformer + text encoder")
+    ap.add_argument("--resume", type=Path,
+                    help="a saved ref-video folder: keep all of it, train its transformer + text encoder on")
     args = ap.parse_args(argv)
     from diffusers import WanPipeline
 
     rng, t0, tok = C.begin(args)
     text_encoder, transformer = build_text_encoder(tok), build_transformer()
-    if args.vae_from:
+    if args.resume:
+        old = WanPipeline.from_pretrained(args.resume)
+        vae, text_encoder, transformer, vae_loss = old.vae.eval(), old.text_encoder, old.transformer, None
+    elif args.vae_from:
         from diffusers import AutoencoderKLWan
 
         vae, vae_loss = AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae").eval(), None
@@ -224,7 +229,7 @@ def main(argv=None) -> None:
     ceiling = round_trip(vae, min(args.eval, 24)) if args.eval else {}
     print(f"VAE round trip of held-out clips: {ceiling}", flush=True)
     pool = latent_pool(vae, rng, args.pool)
-    if not args.vae_from:  # trained here: fit the latent normalisation the pipeline applies
+    if vae_loss is not None:  # trained here: fit the latent normalisation the pipeline applies
         vae.register_to_config(latents_mean=pool[0].mean(dim=(0, 2, 3, 4)).tolist(),
                                latents_std=pool[0].std(dim=(0, 2, 3, 4)).tolist())
         args.out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +249,8 @@ def main(argv=None) -> None:
     scores = evaluate(pipe, args.eval) if args.eval else {}
     command = " ".join(["python -m accel.pipelines.ref.train_video", *(sys.argv[1:] if argv is None else argv)])
     record = {"seed": args.seed, "vae_from": str(args.vae_from) if args.vae_from else None,
-              "vae_steps": 0 if args.vae_from else args.vae_steps, "steps": args.steps, "batch": args.batch,
+              "resumed_from": str(args.resume) if args.resume else None,
+              "vae_steps": 0 if vae_loss is None else args.vae_steps, "steps": args.steps, "batch": args.batch,
               "pool": args.pool, "vae_loss": vae_loss, "loss": loss, "vae_seconds": round(t_vae),
               "train_seconds": round(t_train), "vae_round_trip": ceiling, "held_out": scores,
               "eval": f"20 steps, guidance 5.0, {FRAMES} frames {SIZE} px, seed 0; colour/shape of the middle frame",
