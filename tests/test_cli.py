@@ -61,6 +61,14 @@ def test_generate_video_writes_mp4(tmp_path):
     assert side["preset"] is None and side["call"]["num_frames"] >= 1
 
 
+def test_without_model_the_trained_defaults_are_used_for_pictures_and_for_video(tmp_path):
+    # no --model: ref-sd for a picture, ref-video when the call asks for video (an .mp4 --out)
+    for out, model in [(tmp_path / "p.png", "ref-sd"), (tmp_path / "v.mp4", "ref-video")]:
+        assert main(["generate", "--prompt", "a big red circle in the center on a white background",
+                     "--steps", "2", "--out", str(out)]) == 0
+        assert json.loads(out.with_name(out.name + ".json").read_text())["model"] == model
+
+
 def _has_pyav():
     try:
         import av  # noqa: F401
@@ -79,7 +87,7 @@ def _has_pyav():
     (["--config", "missing.toml"], "no such file"),
     (["--out", "/dev/null/x/y.png"], "cannot create output folder"),
     (["--out", "picture.bmp"], "use a .png"),
-    (["--frames", "9"], "makes images, not video"),
+    (["--model", "tiny-sd15", "--frames", "9"], "makes images, not video"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(args, fragment, tmp_path, monkeypatch, capsys):
     # In process (`main` is what the `accel` script runs); the subprocess test below checks the script.

@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pipelines.load import DEFAULT_MODEL
+    from ..pipelines.load import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
 
     p = _Parser(prog="accel", description="Make diffusers pipelines fast without retraining.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     g = sub.add_parser("generate", help="generate one image or video")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local folder or built-in name (default {DEFAULT_MODEL})")
+    g.add_argument("--model", default=None, help=f"hub id, local folder or built-in name (default {DEFAULT_MODEL}; "
+                                                 f"{DEFAULT_VIDEO_MODEL} when --frames or a video --out asks for video)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
     conf = g.add_mutually_exclusive_group()
@@ -139,6 +140,11 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--out {args.out!r}: use a .png/.webp/.jpg (image) or .mp4/.gif (video) file name")
     if args.out:
         outputs.check_writable(Path(args.out))
+    if args.model is None:  # the built-in default: the video one when the call asks for video
+        from ..pipelines.load import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL
+
+        wants_video = args.frames is not None or (args.out and Path(args.out).suffix.lower() in outputs.VIDEO_SUFFIXES)
+        args.model = DEFAULT_VIDEO_MODEL if wants_video else DEFAULT_MODEL
     if args.config and not Path(args.config).is_file():
         raise UsageError(f"--config {args.config!r}: no such file")
     if args.preset:
