@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     g = sub.add_parser("generate", help="generate one image or video")
-    g.add_argument("--model", default=None, help=f"hub id, local folder or built-in name (default {DEFAULT_MODEL}; "
-                                                 f"{DEFAULT_VIDEO_MODEL} when --frames or a video --out asks for video)")
+    g.add_argument("--model", default=None,
+                   help=f"hub id, local folder or built-in name (default {DEFAULT_MODEL}; "
+                        f"{DEFAULT_VIDEO_MODEL} when --frames or a video --out asks for video)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
     conf = g.add_mutually_exclusive_group()
