@@ -63,7 +63,7 @@ def micro_models(tmp_path_factory):
     train_dit.main(["--steps", "2", "--batch", "2", "--pool", "8", "--eval", "1", "--vae-from", str(root / "ref-sd"),
                     "--out", str(root / "ref-dit")])
     train_video.main(["--vae-steps", "1", "--steps", "2", "--batch", "2", "--vae-batch", "1", "--pool", "4",
-                      "--eval", "1", "--out", str(root / "ref-video")])
+                      "--eval", "1", "--out", str(root / "ref-video"), "--then-steps", "1"])
     return root
 
 
