@@ -164,17 +164,23 @@ def denoisers_of(target) -> list[tuple[str, torch.nn.Module]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_params(cls) -> tuple[str, ...]:
+def forward_params(cls) -> tuple[str, ...]:
+    """The names of ``cls.forward``'s parameters (without self). Look them up once, outside a
+    compiled forward: inspecting a signature there is a graph break."""
     params = list(inspect.signature(cls.forward).parameters)
     return tuple(params[1:])  # drop self
 
 
-def bind_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Name a forward call's positional arguments, so families read inputs by name."""
-    names = _forward_params(type(module))
+def bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """Name a forward call's positional arguments with ``names`` (from `forward_params`)."""
     out = dict(zip(names, args))
     out.update(kwargs)
     return out
+
+
+def bind_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Name a forward call's positional arguments, so families read inputs by name."""
+    return bind(forward_params(type(module)), args, kwargs)
 
 
 class Adapter:

@@ -85,26 +85,23 @@ def _images(out):
     return np.asarray(out.images)
 
 
-def measure(pipe, kwargs, repeats, setup=None, teardown=None):
-    """(median CPU seconds, median wall seconds, output, stats) of ``repeats`` calls.
+def measure(pipe, kwargs, setup=None, teardown=None):
+    """(CPU seconds, wall seconds, output, stats) of one call; `run_rows` takes the medians.
 
     The speed figure is the process's CPU time: on a machine shared with other jobs the wall time
-    swings by 2-5x between identical calls, the CPU time of a 2-thread run by a few percent.
+    swings by 2-5x between identical calls, the CPU time of a 1-thread run by a few percent.
     """
     if setup:
         setup()
     try:
-        cpu, wall, out = [], [], None
-        for _ in range(repeats):
-            c, t = time.process_time(), time.perf_counter()
-            out = _images(pipe(**kwargs, generator=torch.Generator().manual_seed(0)))
-            cpu.append(time.process_time() - c)
-            wall.append(time.perf_counter() - t)
+        c, t = time.process_time(), time.perf_counter()
+        out = _images(pipe(**kwargs, generator=torch.Generator().manual_seed(0)))
+        cpu, wall = time.process_time() - c, time.perf_counter() - t
         st = accel.stats(pipe).get("cache", {}) if accel.is_applied(pipe) else {}
     finally:
         if teardown:
             teardown()
-    return statistics.median(cpu), statistics.median(wall), out, st
+    return cpu, wall, out, st
 
 
 def table(title, rows, notes):
@@ -138,7 +135,7 @@ def run_rows(pipe, kwargs, repeats, variants):
             if name in errors:
                 continue
             try:
-                samples[name].append(measure(own[0] if own else pipe, kwargs, 1, setup, teardown))
+                samples[name].append(measure(own[0] if own else pipe, kwargs, setup, teardown))
             except Exception as e:  # reported, not fatal
                 errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 continue

@@ -27,7 +27,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..config_base import ConfigError
-from ..families import Adapter, _forward_params, block_io
+from ..families import Adapter, bind, block_io, forward_params
 from .state import BeginForwardHook, Streams, fingerprint, fixed_schedule_reuses, relative_l1, settle, state_key
 
 HOOK_DENOISER = "accel.cache.block.denoiser"
@@ -161,22 +161,14 @@ class BlockCache:
         return tuple(out)
 
 
-def _named(params: tuple, args: tuple, kwargs: dict) -> dict:
-    """`families.bind_inputs` with the parameter names looked up at install time: inspecting the
-    signature inside a torch.compile'd forward is a graph break (``hasattr(..., '__wrapped__')``)."""
-    out = dict(zip(params, args))
-    out.update(kwargs)
-    return out
-
-
 class _ProbeStart(ModelHook):
     def __init__(self, cache: BlockCache):
         super().__init__()
         self.cache = cache
-        self.params = _forward_params(type(cache.first[0][1]))
+        self.params = forward_params(type(cache.first[0][1]))
 
     def pre_forward(self, module, *args, **kwargs):
-        self.cache.keep("h0", _named(self.params, args, kwargs)["hidden_states"])
+        self.cache.keep("h0", bind(self.params, args, kwargs)["hidden_states"])
         return args, kwargs
 
 
@@ -201,12 +193,12 @@ class _SpanHook(ModelHook):
         super().__init__()
         self.cache, self.first, self.last = cache, first, last
         self.io = block_io(block)
-        self.params = _forward_params(type(block))
+        self.params = forward_params(type(block))
         # (tuple length, encoder output was None) seen at the last full step; None: a bare tensor.
         self.layout = _UNSEEN
 
     def new_forward(self, module, *args, **kwargs):
-        inputs = _named(self.params, args, kwargs)
+        inputs = bind(self.params, args, kwargs)
         hidden, encoder = inputs["hidden_states"], inputs.get("encoder_hidden_states")
         if not self.cache.current[1].reuse or self.layout is _UNSEEN:
             if self.first:

@@ -105,9 +105,9 @@ class CFGParallelHook(ModelHook):
         batch = self._batched(module, args, kwargs)
         me = self.groups.cfg_index
         if batch:
-            from ..families import _forward_params
+            from ..families import forward_params
 
-            names = _forward_params(type(module))
+            names = forward_params(type(module))
             args = tuple(_slice_batch(a, batch, me, names[i] if i < len(names) else "") for i, a in enumerate(args))
             kwargs = {k: _slice_batch(v, batch, me, k) for k, v in kwargs.items()}
             out = forward(*args, **kwargs)

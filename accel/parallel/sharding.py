@@ -87,9 +87,9 @@ class SplitHook(ModelHook):
         return pad_to(x, dim, padded).chunk(p, dim)[self.groups.inner_index]
 
     def pre_forward(self, module, *args, **kwargs):
-        from ..families import _forward_params
+        from ..families import forward_params
 
-        names = _forward_params(type(module))
+        names = forward_params(type(module))
         args = list(args)
         for name, spec in self.specs.items():
             if name == "__output__":

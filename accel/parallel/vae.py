@@ -68,9 +68,9 @@ class _BandHook(ModelHook):
         self.band, self.stats = band, stats
 
     def pre_forward(self, module, *args, **kwargs):
-        from ..families import _forward_params
+        from ..families import forward_params
 
-        name = _forward_params(type(module))[0]
+        name = forward_params(type(module))[0]
         x = args[0] if args else kwargs[name]
         p = self.band.inner_degree
         if x.shape[-2] % p:

@@ -221,7 +221,7 @@ def main(argv=None) -> None:
     scores = evaluate(pipe, args.eval) if args.eval else {}
     record = {"seed": args.seed, "resumed_from": str(args.resume) if args.resume else None,
               "vae_from": str(args.vae_from) if args.vae_from else None,
-              "vae_steps": 0 if args.resume or args.vae_from else args.vae_steps, "unet_steps": args.unet_steps,
+              "vae_steps": 0 if vae_loss is None else args.vae_steps, "unet_steps": args.unet_steps,
               "batch": args.batch,
               "pool": args.pool, "vae_loss": vae_loss, "unet_loss": unet_loss, "vae_seconds": round(t_vae),
               "train_seconds": round(t_train), "held_out": scores,

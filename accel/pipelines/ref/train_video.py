@@ -255,17 +255,18 @@ def main(argv=None) -> None:
     from diffusers import WanPipeline
 
     rng, t0, tok = C.begin(args)
-    text_encoder, transformer = build_text_encoder(tok), build_transformer()
     if args.resume:
         old = WanPipeline.from_pretrained(args.resume)
         vae, text_encoder, transformer, vae_loss = old.vae.eval(), old.text_encoder, old.transformer, None
-    elif args.vae_from:
-        from diffusers import AutoencoderKLWan
-
-        vae, vae_loss = AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae").eval(), None
     else:
-        vae = build_vae()
-        vae_loss = train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=2e-3)
+        text_encoder, transformer = build_text_encoder(tok), build_transformer()
+        if args.vae_from:
+            from diffusers import AutoencoderKLWan
+
+            vae, vae_loss = AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae").eval(), None
+        else:
+            vae = build_vae()
+            vae_loss = train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=2e-3)
     t_vae = time.time() - t0
     ceiling = round_trip(vae, min(args.eval, 24)) if args.eval else {}
     print(f"VAE round trip of held-out clips: {ceiling}", flush=True)
