@@ -6,8 +6,9 @@ Deliberately simple, so that a score means something without a learned judge:
   backgrounds fit exactly; textures are low-amplitude), foreground = pixels far from it;
 * objects: connected components of the foreground, biggest first, read left to right;
 * colour: the median colour of an object's core pixels, nearest of `shapes.COLOURS`;
-* shape: the object's mask, cropped to its bounding box and resized, matched against a template of
-  every shape in `shapes.SHAPES` by soft intersection-over-union;
+* shape: the object's outline at half its contrast, matched by intersection-over-union against a
+  template of every shape in `shapes.SHAPES` placed on its centroid, sized from its area, sharp or
+  blurred as much as a soft generated picture is (`shape_scores`);
 * motion direction: the track of the foreground centroid over frames, fitted with a line.
 
 Inputs are float arrays in [0, 1], channels last: (H, W, 3) images, (F, H, W, 3) clips.
@@ -23,7 +24,6 @@ import numpy as np
 from . import shapes as S
 
 FOREGROUND_DISTANCE = 0.2  # RGB distance in [0, 1] units from the fitted background
-_TEMPLATE = 24
 
 
 def _border(h: int, w: int, width: int) -> np.ndarray:
@@ -86,23 +86,65 @@ def object_colour(img: np.ndarray, mask: np.ndarray, dist: np.ndarray) -> str:
     return nearest_colour(np.median(img[core], axis=0))
 
 
-def _normalised(mask: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    ys, xs = np.nonzero(mask > 0.5)
-    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
-    return np.asarray(Image.fromarray(crop, mode="F").resize((_TEMPLATE, _TEMPLATE), Image.BILINEAR))
+# Generated pictures are softer than renders. A blurred shape's half-level outline has rounded
+# corners, thinner points and a smaller hole, so every template is also tried blurred by these
+# Gaussian radii (pixels) and cut at half level, at a few scales around the size the object's area
+# implies, and the best fit counts. Sharp renders still match their own template exactly.
+_BLURS = (0.0, 1.0, 1.5, 2.0)
+_SCALES = (0.85, 0.92, 1.0, 1.08, 1.16)
 
 
 @functools.lru_cache(maxsize=1)
-def _templates() -> dict[str, np.ndarray]:
-    return {s: _normalised(S.shape_mask(s, 96, 48, 48, 40)) for s in S.SHAPES}
+def _unit_shapes() -> dict[str, tuple[float, float, float]]:
+    """(area, centroid x, centroid y) of every shape at radius 1 around the origin."""
+    out = {}
+    for s in S.SHAPES:
+        m = S.shape_mask(s, 256, 128, 128, 100).astype(np.float64)
+        ys, xs = np.mgrid[0:256, 0:256] + 0.5
+        out[s] = (m.sum() / 1e4, ((xs * m).sum() / m.sum() - 128) / 100, ((ys * m).sum() / m.sum() - 128) / 100)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) Gaussian blur along one axis, zero outside (callers leave a margin)."""
+    d = np.arange(n)[:, None] - np.arange(n)[None, :]
+    k = np.exp(-0.5 * (d / sigma) ** 2) * (np.abs(d) <= 3 * sigma + 0.5)
+    return k / k.sum(1, keepdims=True).max()
 
 
 def shape_scores(mask: np.ndarray) -> dict[str, float]:
-    """Soft IoU of the object's normalised mask with each shape template."""
-    m = _normalised(mask)
-    return {name: float(np.minimum(m, t).sum() / max(np.maximum(m, t).sum(), 1e-9)) for name, t in _templates().items()}
+    """Intersection-over-union of the object's mask (at the picture's resolution) with the best-fitting
+    template of every shape: centred on the object's centroid, sized from its area, sharp or blurred."""
+    m = mask > 0.5
+    ys, xs = np.nonzero(m)
+    cx, cy, area = xs.mean() + 0.5, ys.mean() + 0.5, float(len(xs))
+    units = _unit_shapes()
+    # Work in a window that holds every candidate template and its blur.
+    reach = 1.2 * max(_SCALES) * max((area / u[0]) ** 0.5 for u in units.values()) + 3 * max(_BLURS) + 2
+    x0, y0 = int(min(cx - reach, xs.min())) - 1, int(min(cy - reach, ys.min())) - 1
+    n = int(2 * reach + max(xs.max() - xs.min(), ys.max() - ys.min())) + 4
+    obs = np.zeros((n, n), bool)
+    obs[ys - y0, xs - x0] = True
+    scores = {}
+    for name, (unit_area, ox, oy) in units.items():
+        r0, best = (area / unit_area) ** 0.5, 0.0
+        for k in _SCALES:
+            r = r0 * k
+            cover = S.shape_mask(name, n, cx - x0 - ox * r, cy - y0 - oy * r, r)
+            for sigma in _BLURS:
+                blur = _blur_matrix(n, sigma) if sigma else None
+                t = (blur @ cover @ blur.T if sigma else cover) >= 0.5
+                best = max(best, (t & obs).sum() / max((t | obs).sum(), 1))
+        scores[name] = float(best)
+    return scores
+
+
+def half_level(comp: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """The part of a component at least half as far from the background as its core: the outline a
+    blurred object's fixed-threshold mask fattens (and whose ring hole it fills)."""
+    half = comp & (dist >= 0.5 * np.percentile(dist[comp], 90))
+    return half if half.sum() >= 3 else comp
 
 
 def classify_shape(mask: np.ndarray) -> str:
@@ -127,7 +169,7 @@ def detect(img: np.ndarray, max_objects: int = 3) -> list[Found]:
     found = []
     for comp in components(mask)[:max_objects]:
         ys, xs = np.nonzero(comp)
-        found.append(Found(object_colour(img, comp, dist), classify_shape(comp), xs.mean() / w, ys.mean() / h, len(xs)))
+        found.append(Found(object_colour(img, comp, dist), classify_shape(half_level(comp, dist)), xs.mean() / w, ys.mean() / h, len(xs)))
     return sorted(found, key=lambda f: f.x)
 
 
