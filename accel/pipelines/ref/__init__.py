@@ -26,8 +26,8 @@ MODELS: dict[str, tuple[str, str]] = {
 # The call each model was trained and measured for (the pipelines' own defaults are sized for the
 # released checkpoints: Wan would render 81 frames of 480x832).
 _CALL_DEFAULTS: dict[str, dict] = {
-    # guidance 2.0: on 60 held-out prompts (20 steps) 0.93 colour / 0.48 shape, against 0.85 / 0.37 at
-    # 5.0 and 0.48 / 0.27 at 10.0 (a small model over-steered by guidance loses its outlines)
+    # guidance 2.0: on 60 held-out prompts (20 steps) 0.88 colour / 0.95 shape (1.5: 0.90 / 0.93; 3.0:
+    # 0.85 / 0.93); the 2500-step model lost its outlines under strong guidance (5.0: 0.85 / 0.37)
     "ref-sd": {"num_inference_steps": 25, "guidance_scale": 2.0, "height": 64, "width": 64},
     # FluxPipeline's true classifier-free guidance (the model has no distilled guidance embedding).
     "ref-dit": {"num_inference_steps": 20, "true_cfg_scale": 5.0, "negative_prompt": "", "height": 64, "width": 64,

@@ -94,7 +94,7 @@ def train_transformer(transformer, clip, t5, tok, pool, scale: float, steps: int
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(ap, "ref-dit", pool=6000, what="scenes", n_eval=60)
-    ap.add_argument("--steps", type=int, default=3000, help="transformer steps")
+    ap.add_argument("--steps", type=int, default=10000, help="transformer steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--vae-from", type=Path, default=C.MODELS_DIR / "ref-sd",
                     help="a ref-sd folder whose autoencoder to share (trained here if it has none)")

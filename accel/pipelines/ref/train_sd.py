@@ -181,7 +181,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(ap, "ref-sd", pool=6000, what="scenes", n_eval=60)
     ap.add_argument("--vae-steps", type=int, default=VAE_STEPS)
-    ap.add_argument("--unet-steps", type=int, default=500)
+    ap.add_argument("--unet-steps", type=int, default=7000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--resume", type=Path, help="a saved ref-sd folder: keep its VAE, train its UNet + text encoder on")
