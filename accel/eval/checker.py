@@ -98,9 +98,9 @@ _SCALES = (0.85, 0.92, 1.0, 1.08, 1.16)
 def _unit_shapes() -> dict[str, tuple[float, float, float]]:
     """(area, centroid x, centroid y) of every shape at radius 1 around the origin."""
     out = {}
+    ys, xs = np.mgrid[0:256, 0:256] + 0.5
     for s in S.SHAPES:
         m = S.shape_mask(s, 256, 128, 128, 100).astype(np.float64)
-        ys, xs = np.mgrid[0:256, 0:256] + 0.5
         out[s] = (m.sum() / 1e4, ((xs * m).sum() / m.sum() - 128) / 100, ((ys * m).sum() / m.sum() - 128) / 100)
     return out
 
@@ -126,15 +126,15 @@ def shape_scores(mask: np.ndarray) -> dict[str, float]:
     n = int(2 * reach + max(xs.max() - xs.min(), ys.max() - ys.min())) + 4
     obs = np.zeros((n, n), bool)
     obs[ys - y0, xs - x0] = True
+    blurs = [_blur_matrix(n, sigma) for sigma in _BLURS if sigma]
     scores = {}
     for name, (unit_area, ox, oy) in units.items():
         r0, best = (area / unit_area) ** 0.5, 0.0
         for k in _SCALES:
             r = r0 * k
             cover = S.shape_mask(name, n, cx - x0 - ox * r, cy - y0 - oy * r, r)
-            for sigma in _BLURS:
-                blur = _blur_matrix(n, sigma) if sigma else None
-                t = (blur @ cover @ blur.T if sigma else cover) >= 0.5
+            for t in (cover, *(b @ cover @ b.T for b in blurs)):
+                t = t >= 0.5
                 best = max(best, (t & obs).sum() / max((t | obs).sum(), 1))
         scores[name] = float(best)
     return scores
@@ -169,7 +169,8 @@ def detect(img: np.ndarray, max_objects: int = 3) -> list[Found]:
     found = []
     for comp in components(mask)[:max_objects]:
         ys, xs = np.nonzero(comp)
-        found.append(Found(object_colour(img, comp, dist), classify_shape(half_level(comp, dist)), xs.mean() / w, ys.mean() / h, len(xs)))
+        shape = classify_shape(half_level(comp, dist))
+        found.append(Found(object_colour(img, comp, dist), shape, xs.mean() / w, ys.mean() / h, len(xs)))
     return sorted(found, key=lambda f: f.x)
 
 
