@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -134,3 +135,23 @@ class Log:
 
 def write_record(folder: Path, record: dict) -> None:
     (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def command(script: str, argv) -> str:
+    """The command line that ran ``script`` (``argv``: what ``main`` was given; None: the process's)."""
+    return " ".join([f"python -m accel.pipelines.ref.{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def save(pipe, folder: Path) -> None:
+    """The trained pipeline into ``folder`` as safetensors, loadable by path (and by name under
+    ``MODELS_DIR``)."""
+    pipe.set_progress_bar_config(disable=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def finish(folder: Path, record: dict, seconds: float, script: str, argv) -> None:
+    """``training.json`` beside the weights, with the command that made them, and a closing line."""
+    write_record(folder, {**record, "command": command(script, argv)})
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in record.get("held_out", {}).items() if isinstance(v, float))
+    print(f"saved {folder}; train {seconds:.0f}s; held-out {scores or 'not scored'}", flush=True)

@@ -119,9 +119,7 @@ def main(argv=None) -> None:
     t_train = time.time() - t0
     pipe = FluxPipeline(scheduler=scheduler(), vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
                         tokenizer_2=tok, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    C.save(pipe, args.out)
     call = {k: v for k, v in CALL.items() if k != "num_inference_steps"}
     scores = {}
     if args.eval:
@@ -129,9 +127,7 @@ def main(argv=None) -> None:
     record = {"seed": args.seed, "vae_from": str(args.vae_from), "steps": args.steps, "batch": args.batch,
               "pool": args.pool, "loss": loss, "train_seconds": round(t_train), "held_out": scores,
               "eval": f"{CALL['num_inference_steps']} steps, true_cfg_scale {CALL['true_cfg_scale']}, seed 0"}
-    C.write_record(args.out, record)
-    print(f"saved {args.out}; train {t_train:.0f}s; held-out colour {scores.get('colour', float('nan')):.2f} "
-          f"shape {scores.get('shape', float('nan')):.2f}", flush=True)
+    C.finish(args.out, record, t_train, "train_dit", argv)
 
 
 if __name__ == "__main__":

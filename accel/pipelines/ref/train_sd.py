@@ -215,9 +215,7 @@ def main(argv=None) -> None:
         vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=inference_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    C.save(pipe, args.out)
     scores = evaluate(pipe, args.eval) if args.eval else {}
     record = {"seed": args.seed, "resumed_from": str(args.resume) if args.resume else None,
               "vae_from": str(args.vae_from) if args.vae_from else None,
@@ -226,9 +224,7 @@ def main(argv=None) -> None:
               "pool": args.pool, "vae_loss": vae_loss, "unet_loss": unet_loss, "vae_seconds": round(t_vae),
               "train_seconds": round(t_train), "held_out": scores,
               "eval": f"20 steps, guidance {call_defaults('ref-sd')['guidance_scale']}, seed 0"}
-    C.write_record(args.out, record)
-    print(f"saved {args.out}; train {t_train:.0f}s; held-out colour {scores.get('colour', float('nan')):.2f} "
-          f"shape {scores.get('shape', float('nan')):.2f}", flush=True)
+    C.finish(args.out, record, t_train, "train_sd", argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -228,8 +227,7 @@ def _two_stages(args, argv) -> None:
           "--out", str(args.out)])
     shutil.rmtree(stage1)
     record = json.loads((args.out / "training.json").read_text())
-    record.update(command=" ".join(["python -m accel.pipelines.ref.train_video",
-                                    *(sys.argv[1:] if argv is None else argv)]),
+    record.update(command=C.command("train_video", argv),
                   stages=[f"{args.steps} transformer steps (VAE {0 if args.vae_from else args.vae_steps})",
                           f"then {args.then_steps} more, resumed"])
     C.write_record(args.out, record)
@@ -285,20 +283,15 @@ def main(argv=None) -> None:
     t_train = time.time() - t0
     pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
                        scheduler=scheduler())
-    pipe.set_progress_bar_config(disable=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    C.save(pipe, args.out)
     scores = evaluate(pipe, args.eval) if args.eval else {}
-    command = " ".join(["python -m accel.pipelines.ref.train_video", *(sys.argv[1:] if argv is None else argv)])
     record = {"seed": args.seed, "vae_from": str(args.vae_from) if args.vae_from else None,
               "resumed_from": str(args.resume) if args.resume else None,
               "vae_steps": 0 if vae_loss is None else args.vae_steps, "steps": args.steps, "batch": args.batch,
               "pool": args.pool, "vae_loss": vae_loss, "loss": loss, "vae_seconds": round(t_vae),
               "train_seconds": round(t_train), "vae_round_trip": ceiling, "held_out": scores,
-              "eval": f"20 steps, guidance 5.0, {FRAMES} frames {SIZE} px, seed 0; colour/shape of the middle frame",
-              "command": command}
-    C.write_record(args.out, record)
-    print(f"saved {args.out}; train {t_train:.0f}s; held-out {scores}", flush=True)
+              "eval": f"20 steps, guidance 5.0, {FRAMES} frames {SIZE} px, seed 0; colour/shape of the middle frame"}
+    C.finish(args.out, record, t_train, "train_video", argv)
 
 
 if __name__ == "__main__":
