@@ -87,7 +87,7 @@ def bench_model(model: str, n: int, steps: int | None, repeats: int) -> None:
     print(f"\n### {model} (family {family}): {n} held-out prompts, {call.get('num_inference_steps')} steps, "
           f"median of {repeats}\n")
     print(f"| row | speedup (CPU) | PSNR dB | SSIM | {what} |")
-    print("|---|---|---|---|---|" if not video else "|---|---|---|---|---|")
+    print("|---" * (5 if video else 6) + "|")
     for label in rows:
         if label in errors:
             print(f"| {label} | error: {errors[label]} | | | |")
