@@ -5,8 +5,8 @@ For each shipped reference model (``ref-sd``, ``ref-dit``, ``ref-video``) and ea
 (cache, tokens, attention) alone. Each row: CPU-time ratio to the baseline (``off``; median over
 repeats, rows interleaved per repeat: the machine is shared), PSNR / SSIM of the outputs against
 the baseline's (same held-out prompts, same seeds), and the attribute checker's accuracy (colour /
-shape for pictures, motion direction for clips) with and without acceleration. Calls use each
-model's own defaults (`accel.pipelines.ref.call_defaults`).
+shape for pictures; motion direction, and colour / shape of the middle frame, for clips) with and
+without acceleration. Calls use each model's own defaults (`accel.pipelines.ref.call_defaults`).
 
     python benchmarks/bench_ref_fidelity.py                     # every shipped model, 3 repeats
     python benchmarks/bench_ref_fidelity.py --models ref-sd     # one model
@@ -29,6 +29,7 @@ from accel.eval.metrics import psnr, ssim
 from accel.pipelines import ref
 from accel.pipelines.call import family_name
 from accel.pipelines.load import load
+from accel.pipelines.ref import train_video
 
 SECTIONS = ("cache", "tokens", "attention")
 
@@ -83,18 +84,19 @@ def bench_model(model: str, n: int, steps: int | None, repeats: int) -> None:
             except Exception as e:  # a part a family does not support is reported, not fatal
                 errors[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     base, base_t = outputs["off"], statistics.median(cpu["off"])
-    what = "direction" if video else "colour | shape"
+    what = "direction | colour | shape" if video else "colour | shape"
     print(f"\n### {model} (family {family}): {n} held-out prompts, {call.get('num_inference_steps')} steps, "
           f"median of {repeats}\n")
     print(f"| row | speedup (CPU) | PSNR dB | SSIM | {what} |")
-    print("|---" * (5 if video else 6) + "|")
+    print("|---" * (7 if video else 6) + "|")
     for label in rows:
         if label in errors:
             print(f"| {label} | error: {errors[label]} | | | |")
             continue
         out = outputs[label]
-        if video:
-            score = f"{checker.score_clips(list(out), items)['direction']:.2f}"
+        if video:  # direction of the centroid track; colour / shape of the middle frame
+            s = train_video.score(list(out), items)
+            score = f"{s['direction']:.2f} | {s['colour']:.2f} | {s['shape']:.2f}"
             a, b = base.reshape(-1, *base.shape[2:]), out.reshape(-1, *out.shape[2:])
         else:
             s = checker.score_images(list(out), items)
