@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import median, round_robin, timed
 
 import accel
 from accel.attention.config import AttentionConfig
@@ -37,24 +36,13 @@ PATTERNS = ("tile", "spatial_temporal", "radial", "global_local", "topk")
 GRIDS = {"4k": (4, 32, 32), "8k": (8, 32, 32), "16k": (16, 32, 32)}
 
 
-def _clock():
-    return time.perf_counter(), time.process_time()
-
-
 def _interleaved(fns: dict, repeats: int):
     """{name: (median wall s, median process CPU s, last output)}: one untimed warm-up each (compiles flex once
-    per shape), then ``repeats`` rounds over all of them in turn, so load drift on a shared machine hits all alike.
-    CPU time counts the work done whatever the other jobs do; wall time is shown beside it."""
-    outs = {name: fn() for name, fn in fns.items()}
-    times = {name: ([], []) for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            w, c = _clock()
-            outs[name] = fn()
-            w2, c2 = _clock()
-            times[name][0].append(w2 - w)
-            times[name][1].append(c2 - c)
-    return {n: (statistics.median(times[n][0]), statistics.median(times[n][1]), outs[n]) for n in fns}
+    per shape), then ``repeats`` rounds over all of them in turn (`timing.round_robin`)."""
+    for fn in fns.values():
+        fn()
+    samples, _ = round_robin({name: (lambda fn=fn: timed(fn)) for name, fn in fns.items()}, repeats)
+    return {n: (median(s, 1), median(s, 0), s[-1][2]) for n, s in samples.items()}
 
 
 def video_qkv(grid, heads=1, dim=128, seed=0):

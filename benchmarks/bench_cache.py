@@ -24,14 +24,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from timing import median, round_robin, timed  # noqa: E402
 
 import accel  # noqa: E402
 from accel.eval.metrics import compare  # noqa: E402
@@ -86,17 +86,12 @@ def _images(out):
 
 
 def measure(pipe, kwargs, setup=None, teardown=None):
-    """(CPU seconds, wall seconds, output, stats) of one call; `run_rows` takes the medians.
-
-    The speed figure is the process's CPU time: on a machine shared with other jobs the wall time
-    swings by 2-5x between identical calls, the CPU time of a 1-thread run by a few percent.
-    """
+    """(CPU seconds, wall seconds, output, stats) of one call (`timing.timed`); `run_rows` takes the
+    medians."""
     if setup:
         setup()
     try:
-        c, t = time.process_time(), time.perf_counter()
-        out = _images(pipe(**kwargs, generator=torch.Generator().manual_seed(0)))
-        cpu, wall = time.process_time() - c, time.perf_counter() - t
+        cpu, wall, out = timed(lambda: _images(pipe(**kwargs, generator=torch.Generator().manual_seed(0))))
         st = accel.stats(pipe).get("cache", {}) if accel.is_applied(pipe) else {}
     finally:
         if teardown:
@@ -128,28 +123,24 @@ def run_rows(pipe, kwargs, repeats, variants):
     any, so the machine's load drift hits every row alike. A row that raises (a peer that cannot
     run here) is reported with its error and dropped from later rounds."""
     pipe(**kwargs, generator=torch.Generator().manual_seed(0))  # untimed warm-up: first-call set-up costs
-    samples = {name: [] for name, *_ in variants}
-    errors = {}
-    for r in range(repeats):
-        for name, setup, teardown, *own in variants:  # own: a separate pipeline copy for a peer that patches
-            if name in errors:
-                continue
-            try:
-                samples[name].append(measure(own[0] if own else pipe, kwargs, setup, teardown))
-            except Exception as e:  # reported, not fatal
-                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                continue
-            cpu, _, out, _ = samples[name][-1]
-            print(f"  [{r + 1}/{repeats}] {name}: {cpu:.2f} CPU s, {compare(samples['baseline'][0][2], out)}",
-                  file=sys.stderr, flush=True)
+    # own: a separate pipeline copy for a peer that patches
+    fns = {name: (lambda p=(own[0] if own else pipe), su=setup, td=teardown: measure(p, kwargs, su, td))
+           for name, setup, teardown, *own in variants}
+    first = {}
+
+    def progress(r, name, sample):
+        base = first.setdefault("out", sample[2])  # the baseline is the first row
+        print(f"  [{r + 1}/{repeats}] {name}: {sample[0]:.2f} CPU s, {compare(base, sample[2])}",
+              file=sys.stderr, flush=True)
+
+    samples, errors = round_robin(fns, repeats, catch=True, after=progress)
     rows = []
     for name, *_ in variants:
         runs = samples[name]
         if name in errors:
             rows.append((name, 0, 0, None, None, errors[name]))
             continue
-        rows.append((name, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
-                     runs[-1][2], runs[-1][3], None))
+        rows.append((name, median(runs, 0), median(runs, 1), runs[-1][2], runs[-1][3], None))
     return rows
 
 

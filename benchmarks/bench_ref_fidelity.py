@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import numpy as np
 import torch
+from timing import median, round_robin, timed
 
 import accel
 from accel.eval import checker, shapes
@@ -66,24 +65,20 @@ def bench_model(model: str, n: int, steps: int | None, repeats: int) -> None:
     items = shapes.held_out_clips(n) if video else shapes.held_out_scenes(n, n_shapes=1)
     prompts = [it.prompt for it in items]
     rows = rows_for(family)
-    cpu, outputs, errors = {r: [] for r in rows}, {}, {}
 
     def generate():
         return _as_batch(pipe(prompts, output_type="np", generator=torch.Generator().manual_seed(0), **call), video)
 
+    def row(cfg):
+        with accel.applied(pipe, cfg):
+            return timed(generate)
+
     generate()  # untimed warm-up
-    for _ in range(repeats):
-        for label, cfg in rows.items():
-            if label in errors:
-                continue
-            try:
-                with accel.applied(pipe, cfg):
-                    t = time.process_time()
-                    outputs[label] = generate()
-                    cpu[label].append(time.process_time() - t)
-            except Exception as e:  # a part a family does not support is reported, not fatal
-                errors[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
-    base, base_t = outputs["off"], statistics.median(cpu["off"])
+    # a part a family does not support is reported, not fatal
+    samples, errors = round_robin({label: (lambda cfg=cfg: row(cfg)) for label, cfg in rows.items()}, repeats,
+                                  catch=True)
+    outputs = {label: runs[-1][2] for label, runs in samples.items() if runs}
+    base, base_t = outputs["off"], median(samples["off"], 0)
     what = "direction | colour | shape" if video else "colour | shape"
     print(f"\n### {model} (family {family}): {n} held-out prompts, {call.get('num_inference_steps')} steps, "
           f"median of {repeats}\n")
@@ -103,7 +98,7 @@ def bench_model(model: str, n: int, steps: int | None, repeats: int) -> None:
             score = f"{s['colour']:.2f} | {s['shape']:.2f}"
             a, b = base, out
         p = psnr(a, b)
-        print(f"| {label} | {base_t / statistics.median(cpu[label]):.2f}x | {'inf' if np.isinf(p) else f'{p:.1f}'} | "
+        print(f"| {label} | {base_t / median(samples[label], 0):.2f}x | {'inf' if np.isinf(p) else f'{p:.1f}'} | "
               f"{ssim(a, b):.3f} | {score} |", flush=True)
 
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
+from timing import median, round_robin, timed
 
 import accel
 from accel.eval.metrics import psnr, ssim
@@ -96,26 +96,28 @@ def _measure(configs, make_run, repeats, title=None):
     Configurations are interleaved (round robin per repeat). The speed figure is the process's
     CPU time: on a shared machine wall time swings with other jobs' load; wall is shown beside it.
     """
-    cpu = {k: [] for k in configs}
-    wall = {k: [] for k in configs}
-    outs = {}
-    for rep in range(repeats):
-        for label, (on, off) in configs.items():
-            on()
-            try:
-                c0, t0 = time.process_time(), time.perf_counter()
-                out = make_run()
-                cpu[label].append(time.process_time() - c0)
-                wall[label].append(time.perf_counter() - t0)
-            finally:
-                off()
-            outs[label] = out
-            print(f"  [{rep + 1}/{repeats}] {label}: cpu {cpu[label][-1]:.1f} s, wall {wall[label][-1]:.1f} s, "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+    def row(on, off):
+        on()
+        try:
+            return timed(make_run)
+        finally:
+            off()
+
+    def progress(rep, label, sample):
+        print(f"  [{rep + 1}/{repeats}] {label}: cpu {sample[0]:.1f} s, wall {sample[1]:.1f} s, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+    def results(samples):
+        return {k: (median(s, 0), median(s, 1), s[-1][2]) for k, s in samples.items()}
+
+    def partial(rep, samples):
         if title and rep + 1 < repeats:  # a usable table even if a long run is stopped early
-            _table(f"{title} (after {rep + 1} of {repeats} repeats)",
-                   {k: (statistics.median(cpu[k]), statistics.median(wall[k]), outs[k]) for k in configs})
-    return {k: (statistics.median(cpu[k]), statistics.median(wall[k]), outs[k]) for k in configs}
+            _table(f"{title} (after {rep + 1} of {repeats} repeats)", results(samples))
+
+    samples, _ = round_robin({label: (lambda on=on, off=off: row(on, off)) for label, (on, off) in configs.items()},
+                             repeats, after=progress, after_round=partial)
+    return results(samples)
 
 
 def _table(title, results, baseline="baseline"):

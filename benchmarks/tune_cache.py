@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from timing import median, round_robin, timed  # noqa: E402
+
 import accel  # noqa: E402
 from accel.eval.metrics import compare  # noqa: E402
 from accel.pipelines import tiny  # noqa: E402
@@ -144,32 +146,29 @@ def sweep(name: str, pipe, kwargs, grid: list[dict], steps: int, repeats: int) -
 
     call()  # warm-up: first-call set-up costs out of every row
     variants = [None, *grid]
-    times = {i: [] for i in range(len(variants))}
-    outs, stats = {}, {}
-    for _ in range(repeats):
-        for i, cfg in enumerate(variants):
-            if cfg is not None:
-                accel.apply(pipe, {"cache": cfg})
+
+    def row(cfg):
+        """(denoiser CPU s, call CPU s, output, cache stats) of one call."""
+        if cfg is not None:
+            accel.apply(pipe, {"cache": cfg})
+        try:
             clock = DenoiserClock(pipe)
-            t0 = time.process_time()
             try:
-                out = call()
+                total, _, out = timed(call)
             finally:
                 clock.close()
-            total = time.process_time() - t0
+            return clock.seconds, total, out, accel.stats(pipe)["cache"] if cfg is not None else {}
+        finally:
             if cfg is not None:
-                stats[i] = accel.stats(pipe)["cache"]
                 accel.remove(pipe)
-            times[i].append((clock.seconds, total))
-            outs[i] = out
+
+    samples, _ = round_robin({i: (lambda cfg=cfg: row(cfg)) for i, cfg in enumerate(variants)}, repeats)
     rows = []
-    base_d = statistics.median(t[0] for t in times[0])
-    base_t = statistics.median(t[1] for t in times[0])
+    base_d, base_t = median(samples[0], 0), median(samples[0], 1)
     for i, cfg in enumerate(variants):
-        d = statistics.median(t[0] for t in times[i])
-        t = statistics.median(t[1] for t in times[i])
-        c = compare(outs[0], outs[i])
-        st = stats.get(i, {})
+        d, t = median(samples[i], 0), median(samples[i], 1)
+        c = compare(samples[0][-1][2], samples[i][-1][2])
+        st = samples[i][-1][3]
         rows.append(dict(cfg=cfg, denoiser_s=d, speedup=base_d / d, call_s=t, call_speedup=base_t / t,
                          hit=st.get("hit_rate", 0.0), psnr=float("inf") if c["psnr"] is None else c["psnr"],
                          ssim=c["ssim"],
