@@ -83,10 +83,11 @@ def bench_model(model: str, n: int, steps: int | None, repeats: int) -> None:
     print(f"\n### {model} (family {family}): {n} held-out prompts, {call.get('num_inference_steps')} steps, "
           f"median of {repeats}\n")
     print(f"| row | speedup (CPU) | PSNR dB | SSIM | {what} |")
-    print("|---" * (7 if video else 6) + "|")
+    columns = 7 if video else 6
+    print("|---" * columns + "|")
     for label in rows:
         if label in errors:
-            print(f"| {label} | error: {errors[label]} | | | |")
+            print(f"| {label} | error: {errors[label]} |" + " |" * (columns - 2))
             continue
         out = outputs[label]
         if video:  # direction of the centroid track; colour / shape of the middle frame
