@@ -102,7 +102,7 @@ PRESETS: dict = {
     "balanced": {
         "*": _DIT,
         # ref-video (Wan, trained; session 5), 24 held-out clips: interval 2 gives 29.3 dB (below 32),
-        # a change threshold of 0.1 gives 36.5 dB at 1.13x with the checker's scores unchanged.
+        # a change threshold of 0.1 gives 36.5 dB at 1.05-1.13x with the checker's scores unchanged.
         "wan": {**_W, "threshold": 0.1},
         "sd15": _dc(5, schedule="uniform"),  # ref-sd: 38.1 dB, 2.55x (24 prompts)
         "sdxl": _dc(5, schedule="uniform"), "animatediff": _dc(4),  # 41.1, 48.0 dB (random; floor 37.3)
