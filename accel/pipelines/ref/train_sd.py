@@ -130,9 +130,13 @@ def latent_pool(vae, rng, n: int, chunk: int = 256):
     return torch.cat(means), torch.cat(weights), prompts
 
 
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    w = weight.expand_as(values)
+    return (values * w).sum() / w.sum()
+
+
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    w = weight.expand_as(pred)
-    return ((pred - target) ** 2 * w).sum() / w.sum()
+    return weighted_mean((pred - target) ** 2, weight)
 
 
 def tokenize(tok, prompts) -> torch.Tensor:

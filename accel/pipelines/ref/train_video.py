@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ...eval import checker, shapes
 from . import components as C
-from .train_sd import FOREGROUND_WEIGHT, weighted_mse
+from .train_sd import FOREGROUND_WEIGHT, weighted_mean, weighted_mse
 
 SIZE, FRAMES = 32, 17
 LATENT_NOISE = 0.1
@@ -121,8 +121,8 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float) -> float:
         # A small object's colour is mixed with the background in that pooled grid; a plain loss
         # left the decoder returning the mix (held-out round trip 0.75 colour, blue read as teal),
         # the loss weighted towards object pixels unmixes it (1.00).
-        w = (1.0 + FOREGROUND_WEIGHT * foreground_mask(videos)).expand_as(x)
-        return weighted_mse(rec, x, w) + 0.5 * ((rec - x).abs() * w).sum() / w.sum() + anchor
+        w = 1.0 + FOREGROUND_WEIGHT * foreground_mask(videos)
+        return weighted_mean((rec - x) ** 2, w) + 0.5 * weighted_mean((rec - x).abs(), w) + anchor
 
     return C.fit([vae], loss_fn, steps, lr, 0, "vae", weight_decay=0.0, ema=False)
 
