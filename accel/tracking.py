@@ -43,7 +43,7 @@ class StepState:
     grid: tuple = (1, 1, 1)
     text_len: int = 0
     batch: int = 0
-    timestep: float | None = None
+    timestep: float | None = None  # bare denoiser: the last forward's timestep; None under a pipeline
     steps_by_component: dict = field(default_factory=dict)  # Wan 2.2 counts steps per transformer
     branches: list = field(default_factory=list)  # CFG branches seen in this call, in first-seen order
 
@@ -60,6 +60,7 @@ class StepTracker:
         self._scheduler = self._ledger = None
         self._call_t0 = None
         self.timings = {"denoise_s": 0.0, "denoiser_forwards": 0}
+        self._batched_cfg: tuple = (None, False)  # ((call, component, batch), answer) of _pipe_batches_cfg
 
     def on_call_start(self, fn: Callable[[StepState], None]) -> None:
         self._listeners.append(fn)
@@ -142,12 +143,15 @@ class StepTracker:
     @torch.compiler.disable
     def _before_forward(self, adapter: Adapter, inputs: dict) -> None:
         s = self.state
-        t = inputs.get("timestep")
-        if isinstance(t, torch.Tensor):
-            t = float(t.flatten()[0]) if t.numel() else None
-        elif t is not None:
-            t = float(t)
+        t = None
         if not self._watching_scheduler:
+            # Documented host sync (bare denoiser only, one per forward): without a scheduler to watch,
+            # the timestep's value is what tells steps and calls apart. Under a pipeline it is not read.
+            t = inputs.get("timestep")
+            if isinstance(t, torch.Tensor):
+                t = float(t.flatten()[0]) if t.numel() else None
+            elif t is not None:
+                t = float(t)
             if s.call == 0 or (t is not None and s.timestep is not None and t > s.timestep):
                 self._start_call()
             elif t is not None and s.timestep is not None and t != s.timestep:
@@ -187,15 +191,20 @@ class StepTracker:
             return False
         flag = getattr(self.pipe, "do_classifier_free_guidance", None)
         if flag is not None:
-            return bool(flag)
+            return bool(flag)  # a host bool (or int) the pipeline set
         scale = getattr(self.pipe, "_guidance_scale", None)
         if scale is not None:
-            return float(scale) > 1.0
+            return float(scale) > 1.0  # a host float the pipeline set
         x = inputs.get("sample", inputs.get("hidden_states"))
         if not isinstance(x, torch.Tensor) or x.shape[0] % 2:
             return False
-        half = x.shape[0] // 2
-        return bool(torch.equal(x[:half], x[half:]))
+        key = (self.state.call, self.state.component, x.shape[0])
+        if self._batched_cfg[0] != key:
+            half = x.shape[0] // 2
+            # Documented host sync, once per call and denoiser (not per forward): a pipeline batches
+            # CFG for the whole call or not at all, so the first forward's answer holds for the rest.
+            self._batched_cfg = (key, bool(torch.equal(x[:half], x[half:])))
+        return self._batched_cfg[1]
 
     @torch.compiler.disable
     def _after_forward(self) -> None:

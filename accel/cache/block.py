@@ -94,6 +94,7 @@ class BlockCache:
             if cfg.max_skip and st.reused_in_row >= cfg.max_skip:
                 reuse = False
             else:
+                # Documented host sync, one per decided forward: skipping the span is host control flow.
                 change = float(relative_l1(probe, st.probe)) if st.probe is not None and \
                     st.probe.shape == probe.shape else float("inf")
                 reuse = change < cfg.threshold

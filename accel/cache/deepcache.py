@@ -124,13 +124,14 @@ class _InteriorHook(ModelHook):
     def __init__(self, cache: DeepCache, feeder: bool):
         super().__init__()
         self.cache, self.feeder = cache, feeder
+        self.zeros: dict = {}  # (dtype, device) -> a 0-d zero, expanded into every placeholder
 
     def new_forward(self, module, *args, **kwargs):
         _, st = self.cache.current
         if st.reuse:
             if self.feeder:
                 return st.data["feature"]
-            return _placeholder(st.data["shapes"][id(module)])
+            return _placeholder(st.data["shapes"][id(module)], self.zeros)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.feeder or id(module) not in st.data.get("shapes", ()):  # a graph break: only when needed
             self.cache.keep(module, output, self.feeder)
@@ -148,16 +149,21 @@ def _shape_of(x):
     return ("v", x)
 
 
-def _placeholder(shape):
+def _placeholder(shape, zeros: dict):
+    """A zero-cost stand-in of a recorded output: expanded views of one 0-d zero per (dtype, device),
+    made once on the output's own device, so a cached step launches no kernel for them."""
     kind = shape[0]
     if kind == "t":
         _, size, dtype, device = shape
-        return torch.zeros((), dtype=dtype, device=device).expand(size)
+        zero = zeros.get((dtype, device))
+        if zero is None:
+            zero = zeros[(dtype, device)] = torch.zeros((), dtype=dtype, device=device)
+        return zero.expand(size)
     if kind == "dc":
-        return shape[1](**{k: _placeholder(v) for k, v in shape[2].items()})
+        return shape[1](**{k: _placeholder(v, zeros) for k, v in shape[2].items()})
     if kind == "v":
         return shape[1]
-    return kind(_placeholder(v) for v in shape[1])
+    return kind(_placeholder(v, zeros) for v in shape[1])
 
 
 def apply_deepcache(adapter: Adapter, cfg, tracker, ledger, streams: Streams) -> DeepCache:

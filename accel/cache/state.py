@@ -133,7 +133,9 @@ def settle(st: StreamState, reuse: bool) -> None:
 
 
 def fingerprint(t: torch.Tensor) -> float:
-    """A number identifying a cached tensor in traces (tests compare which cache a step used)."""
+    """A number identifying a cached tensor in traces (tests compare which cache a step used).
+
+    A host sync: called only while a trace is recording (``Streams.trace`` set), never in normal runs."""
     return float(t.detach().double().abs().sum())
 
 

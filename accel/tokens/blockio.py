@@ -9,6 +9,8 @@ joint sequence (last dimension), and per-token modulation (Wan 2.2 TI2V's 4-D ``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..families import bind_inputs
@@ -34,12 +36,18 @@ class BlockArgs:
         return forward(**{k: v for k, v in self.values.items() if k not in ("args", "kwargs")})
 
 
+@functools.lru_cache(maxsize=32)
+def _text_rows(text_len: int, device: torch.device) -> torch.Tensor:
+    """0..text_len-1 on ``device``: shape-only, built once per (length, device)."""
+    return torch.arange(text_len, device=device)
+
+
 def _table_index(size: int, positions: torch.Tensor, n: int, text_len: int, text_position: str | None):
     """Index into a table of ``size`` rows covering the image tokens (n) and possibly the text."""
     if size == n:
         return positions
     if text_len and size == n + text_len:
-        text = torch.arange(text_len, device=positions.device)
+        text = _text_rows(text_len, positions.device)
         if text_position == "last":
             return torch.cat([positions, n + text])
         return torch.cat([text, text_len + positions])

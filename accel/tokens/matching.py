@@ -13,6 +13,7 @@ Odd grids: windows at the right/bottom/last-frame edges are smaller, never skipp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -60,45 +61,80 @@ class Merge:
 
 
 class Windows:
-    """Window ids of a (F, H, W) token grid for windows of (st, sy, sx); edge windows are smaller."""
+    """Window ids of a (F, H, W) token grid for windows of (st, sy, sx); edge windows are smaller.
+
+    Shape-only: built on ``device`` once per (grid, window, device) by `TokenState` and reused by
+    every merge of that shape, with the per-window tables the matchers need.
+    """
 
     def __init__(self, grid: tuple[int, int, int], window: tuple[int, int, int], device):
         f, h, w = grid
         st, sy, sx = (max(1, min(a, b)) for a, b in zip(window, grid, strict=True))
         self.grid, self.window = (f, h, w), (st, sy, sx)
         self.counts_axis = (-(-f // st), -(-h // sy), -(-w // sx))
-        ff, hh, ww = torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
+        ff, hh, ww = torch.meshgrid(*(torch.arange(a, device=device) for a in (f, h, w)), indexing="ij")
         nf, nh, nw = self.counts_axis
         wid = (ff // st) * (nh * nw) + (hh // sy) * nw + (ww // sx)
-        self.window_id = wid.reshape(-1).to(device)  # (N,)
-        self.offsets = tuple(t.reshape(-1).to(device) for t in (ff % st, hh % sy, ww % sx))
+        self.window_id = wid.reshape(-1)  # (N,)
+        self.offsets = tuple(t.reshape(-1) for t in (ff % st, hh % sy, ww % sx))
+
         # size of each window along each axis (edge windows are cut by the grid)
         def sizes(n, s):
-            return (torch.clamp(n - torch.arange(-(-n // s)) * s, max=s))
+            return torch.clamp(n - torch.arange(-(-n // s), device=device) * s, max=s)
+
         sf, sh, sw = sizes(f, st), sizes(h, sy), sizes(w, sx)
-        self.sizes = tuple(t.reshape(-1).to(device) for t in torch.meshgrid(sf, sh, sw, indexing="ij"))
+        self.sizes = tuple(t.reshape(-1) for t in torch.meshgrid(sf, sh, sw, indexing="ij"))
         self.n_windows = nf * nh * nw
         self.n_tokens = f * h * w
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """(N,) long: 0..N-1."""
+        return torch.arange(self.n_tokens, device=self.window_id.device)
+
+    @functools.cached_property
+    def token_count(self) -> torch.Tensor:
+        """(n_windows,) float32: tokens in each window."""
+        dev = self.window_id.device
+        return torch.zeros(self.n_windows, device=dev).index_add_(
+            0, self.window_id, torch.ones(self.n_tokens, device=dev))
+
+    @functools.cached_property
+    def first(self) -> torch.Tensor:
+        """(n_windows,) long: the first (lowest) position of each window."""
+        return torch.full((self.n_windows,), self.n_tokens, device=self.window_id.device, dtype=torch.long
+                          ).scatter_reduce(0, self.window_id, self.positions, reduce="amin")
 
     def destinations(self, generator: torch.Generator | None) -> torch.Tensor:
         """Bool (N,): one destination per window, at a random (or the first) position inside it."""
         if generator is None:
             picks = [torch.zeros_like(s) for s in self.sizes]
         else:
-            u = torch.rand(3, self.n_windows, generator=generator).to(self.window_id.device)
+            # Drawn on the host (the generator is a CPU one): the same picks on every device. Pinned and
+            # non-blocking, the copy does not wait for the device queue as a plain host-to-device copy does.
+            u = torch.rand(3, self.n_windows, generator=generator)
+            dev = self.window_id.device
+            u = u.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else u.to(dev)
             picks = [(u[i] * s).long() for i, s in enumerate(self.sizes)]
         wid = self.window_id
         off = self.offsets
         return (off[0] == picks[0][wid]) & (off[1] == picks[1][wid]) & (off[2] == picks[2][wid])
 
 
-def _from_groups(rep: torch.Tensor, kept: torch.Tensor, dtype) -> Merge:
-    """Merge from ``rep[b, i]`` (the position whose row token i joins) and ``kept[b, i]`` (i heads a row)."""
+def _ascending_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the ``count`` True entries of each row of ``mask`` (..., N), ascending: what
+    ``mask.nonzero()`` gives when the count is known, without its host sync (a stable sort puts the
+    True entries first, in order)."""
+    return torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).narrow(-1, 0, count)
+
+
+def _from_groups(rep: torch.Tensor, kept: torch.Tensor, n_out: int, dtype) -> Merge:
+    """Merge from ``rep[b, i]`` (the position whose row token i joins) and ``kept[b, i]`` (i heads a
+    row; ``n_out`` True entries in every row)."""
     bm, n = rep.shape
     row_of = kept.long().cumsum(1) - 1  # row of each kept position
     slot = row_of.gather(1, rep)
-    n_out = int(kept[0].sum())
-    keep = kept.nonzero()[:, 1].reshape(bm, n_out)
+    keep = _ascending_true(kept, n_out)
     count = torch.zeros(bm, n_out, device=rep.device, dtype=torch.float32).scatter_add_(
         1, slot, torch.ones(bm, n, device=rep.device))
     return Merge(slot, keep, (1.0 / count).unsqueeze(-1).to(dtype), n, n_out)
@@ -113,9 +149,11 @@ def bipartite(x: torch.Tensor, windows: Windows, r: int, shared: bool,
     """
     b, n, _ = x.shape
     is_dst = windows.destinations(generator)
-    dst_pos = is_dst.nonzero()[:, 0]
-    src_pos = (~is_dst).nonzero()[:, 0]
-    r = max(0, min(r, src_pos.numel()))
+    # Exactly one destination per window: the counts are known on the host, so positions come from a
+    # stable sort (destinations first, each part ascending, as nonzero() gives) without its sync.
+    order_dst = torch.argsort((~is_dst).to(torch.uint8), stable=True)
+    dst_pos, src_pos = order_dst[:windows.n_windows], order_dst[windows.n_windows:]
+    r = max(0, min(r, n - windows.n_windows))
     metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     scores = metric.index_select(1, src_pos) @ metric.index_select(1, dst_pos).transpose(1, 2)
     if shared:
@@ -124,12 +162,12 @@ def bipartite(x: torch.Tensor, windows: Windows, r: int, shared: bool,
     order = best.argsort(dim=-1, descending=True)
     merged_src = order[:, :r]  # src-local indices
     bm = scores.shape[0]
-    rep = torch.arange(n, device=x.device).expand(bm, n).clone()
+    rep = windows.positions.expand(bm, n).clone()
     merged_pos = src_pos[merged_src]  # (Bm, r)
     rep.scatter_(1, merged_pos, dst_pos[best_dst.gather(1, merged_src)])
     kept = torch.ones(bm, n, dtype=torch.bool, device=x.device)
     kept.scatter_(1, merged_pos, False)
-    return _from_groups(rep, kept, x.dtype)
+    return _from_groups(rep, kept, n - r, x.dtype)
 
 
 def window_pool(x: torch.Tensor, windows: Windows, r: int) -> Merge:
@@ -142,24 +180,25 @@ def window_pool(x: torch.Tensor, windows: Windows, r: int) -> Merge:
     wid = windows.window_id
     metric = (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)).float()
     sums = metric.new_zeros(b, windows.n_windows, metric.shape[-1]).index_add_(1, wid, metric)
-    size = torch.zeros(windows.n_windows, device=x.device).index_add_(0, wid, torch.ones(n, device=x.device))
+    size = windows.token_count
     mean = sums / size[None, :, None]
     uniform = (metric * mean.index_select(1, wid)).sum(-1)  # (B, N): cos to the window mean (scaled)
     score = torch.zeros(windows.n_windows, device=x.device).index_add_(0, wid, uniform.sum(0)) / size
     score = torch.where(size > 1, score, torch.full_like(score, -float("inf")))
     order = score.argsort(descending=True)
     gain = (size - 1)[order].cumsum(0)
-    take = int((gain <= r).sum())
-    pooled = torch.zeros(windows.n_windows, dtype=torch.bool, device=x.device)
-    pooled[order[:take]] = True
+    taken = gain <= r  # a prefix of `order`: gain only grows
+    # Documented host sync, one per merge built (once per step and shape): how many tokens are
+    # removed depends on the data and sets the reduced sequence's length, a shape.
+    removed = int(torch.where(taken, gain, 0).max())
+    pooled = torch.zeros(windows.n_windows, dtype=torch.bool, device=x.device).scatter_(0, order, taken)
     # each pooled window is represented by its first token (lowest position)
-    first = torch.full((windows.n_windows,), n, device=x.device, dtype=torch.long).scatter_reduce(
-        0, wid, torch.arange(n, device=x.device), reduce="amin")
-    pos = torch.arange(n, device=x.device)
+    first = windows.first
+    pos = windows.positions
     in_pooled = pooled[wid]
     rep = torch.where(in_pooled, first[wid], pos)[None]
     kept = (~in_pooled | (pos == first[wid]))[None]
-    return _from_groups(rep, kept, x.dtype)
+    return _from_groups(rep, kept, n - removed, x.dtype)
 
 
 def top_changed(x: torch.Tensor, previous: torch.Tensor, k: int) -> torch.Tensor:

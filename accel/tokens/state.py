@@ -100,7 +100,8 @@ class TokenState:
                 gen = None
                 if self.cfg.use_rand:
                     # From the seed and the step only, not the call count: the same call twice (a
-                    # resumed batch row, a re-run in the app) must give the same picture.
+                    # resumed batch row, a re-run in the app) must give the same picture. A CPU
+                    # generator on purpose: the same picks on every device (copied without a sync).
                     gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + s.step) % (2 ** 63))
                 m = matching.bipartite(x.detach(), windows, amount, shared, gen)
             else:
