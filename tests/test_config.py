@@ -103,3 +103,13 @@ def test_any_value_validates_or_names_field(field, value):
     else:
         for fmt in ("json", "yaml", "toml"):
             assert getattr(Config, f"from_{fmt}")(getattr(cfg, f"to_{fmt}")()) == cfg
+
+
+@pytest.mark.parametrize("level", ["safe", "balanced", "fast"])
+def test_no_preset_has_a_part_that_cannot_run(level):
+    """Token reduction shortens the sequence before attention, so sparse attention under it never engages
+    (stats' dense_reasons: grid_lost): a preset takes one of the two per family, never both."""
+    for family in accel.FAMILIES:
+        cfg = accel.preset(level, family)
+        assert not (cfg.tokens.enabled and cfg.attention.enabled), (level, family)
+    assert accel.preset("safe", "wan").attention.pattern != "dense"  # sparse attention is on somewhere by default

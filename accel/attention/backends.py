@@ -29,7 +29,7 @@ class BackendUnavailableError(RuntimeError):
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run on ``device``, else why not and what to do."""
-    if backend in ("sdpa", "gather"):
+    if backend in ("sdpa", "gather", "auto"):
         return None
     if backend == "flex":
         try:
@@ -125,8 +125,8 @@ def _flex(q, k, v, mask: SparseMask, scale, compile: bool = True):
 def _triton(q, k, v, mask: SparseMask, scale):
     from .kernels.block_sparse import block_sparse_attention
 
-    num, idx = mask.kv_indices
-    return block_sparse_attention(q, k, v, num, idx, mask.layout.valid, mask.layout.block, scale)
+    num, idx = mask.kv_indices  # built once per mask, on the mask's (= q's) device
+    return block_sparse_attention(q, k, v, num, idx, mask.layout.block_count_i32, mask.layout.block, scale)
 
 
 # floats of scores per matmul chunk (64 MB; the workspace holds ~4x that, kept between calls). Measured at
@@ -210,6 +210,56 @@ def _gather(q, k, v, mask: SparseMask, scale, chunk_floats: int = GATHER_CHUNK):
     return out.view(B, H, Np, D)
 
 
+def triton_model_order(q, k, v, mask: SparseMask, scale, gather: tuple = ("q", "kv")):
+    """Our kernel on q, k, v in the model's token order ([B, H, n_tokens, D], any strides with a contiguous last
+    dim), output in model order: it reads and writes rows through the layout's slot -> token table, so the
+    tiled copies of q, k, v and the output are never made (at Wan 480p on an H200 they cost ~1 ms a call)."""
+    from .kernels.block_sparse import block_sparse_attention
+
+    lay = mask.layout
+    num, idx = mask.kv_indices
+    return block_sparse_attention(q, k, v, num, idx, lay.block_count_i32, lay.block, scale,
+                                  slot_token=lay.slot_token_i32, gather=gather)
+
+
+_auto_failed: dict = {}  # backend -> the error that made `auto` stop choosing it in this process
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The fastest measured backend for ``device`` and ``dtype`` (BENCHMARKS.md, "Sparse attention on the GPU"
+    and "Sparse attention" for CPU): our Triton kernel on CUDA in fp16/bf16, compiled flex on CUDA otherwise
+    (the kernel's fp32 dot would run in tf32) or when triton is missing or failed here, gather on CPU."""
+    if device.type == "cuda":
+        if (dtype in (torch.float16, torch.bfloat16) and "triton" not in _auto_failed
+                and unavailable_reason("triton", device) is None):
+            return "triton"
+        return "flex"
+    return "gather"
+
+
+def run_auto(q, k, v, mask: SparseMask, scale: float, flex_compile: bool = True, model_order: bool = False
+             ) -> tuple[torch.Tensor, str]:
+    """(output, backend that ran) for ``backend="auto"``: a kernel that fails to build here (an old GPU, a
+    triton without a compiler for it) is dropped from auto's choices with a warning, and flex runs instead.
+    ``model_order``: q, k, v and the output are in the model's token order (else tiled)."""
+    from .layout import from_blocks, to_blocks
+
+    backend = auto_backend(q.device, q.dtype)
+    if backend == "triton":
+        try:
+            return (triton_model_order if model_order else _triton)(q, k, v, mask, scale), backend
+        except Exception as e:  # compile errors surface at the first launch
+            _auto_failed["triton"] = e
+            logger.warning("accel.attention: the triton kernel failed here (%s); backend 'auto' uses flex from now "
+                           "on", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            backend = "flex"
+    if not model_order:
+        return run(backend, q, k, v, mask, scale, flex_compile), backend
+    lay = mask.layout
+    tiled = run(backend, to_blocks(q, lay), to_blocks(k, lay), to_blocks(v, lay), mask, scale, flex_compile)
+    return from_blocks(tiled, lay), backend
+
+
 def run(backend: str, q, k, v, mask: SparseMask, scale: float, flex_compile: bool = True) -> torch.Tensor:
     if backend == "flex":
         return _flex(q, k, v, mask, scale, flex_compile)
@@ -219,4 +269,6 @@ def run(backend: str, q, k, v, mask: SparseMask, scale: float, flex_compile: boo
         return _xformers(q, k, v, mask, scale)
     if backend == "gather":
         return _gather(q, k, v, mask, scale)
+    if backend == "auto":
+        return run_auto(q, k, v, mask, scale, flex_compile)[0]
     return _sdpa(q, k, v, mask, scale)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..config_base import ConfigBase, ConfigError, spec
 
 PATTERNS = ("dense", "tile", "spatial_temporal", "radial", "global_local", "topk")
-BACKENDS = ("sdpa", "xformers", "flex", "triton", "gather")
+BACKENDS = ("auto", "sdpa", "xformers", "flex", "triton", "gather")
 
 
 @dataclass(frozen=True)
@@ -15,11 +15,18 @@ class AttentionConfig(ConfigBase):
     """Sparse attention over image/video tokens; text tokens always attend and are attended densely.
 
     Important: ``pattern`` (``dense`` is off), ``density`` (fraction of video query-block x
-    key-block pairs computed; 1.0 is dense) and ``backend`` (``flex``, ``triton`` and ``gather``
-    skip the blocks that are not computed: ``gather`` is the fast one on CPU, ``flex``/``triton``
-    on GPU; ``sdpa``/``xformers`` apply the same mask densely, a reference).
+    key-block pairs computed; 1.0 is dense) and ``backend``: ``auto`` (the default) picks, per
+    call, the fastest measured kernel for the tensors' device and dtype (`backends.auto_backend`:
+    our Triton kernel on CUDA in fp16/bf16, ``flex`` on CUDA in fp32, ``gather`` on CPU);
+    ``flex``, ``triton`` and ``gather`` name one (each skips the blocks that are not computed);
+    ``sdpa``/``xformers`` apply the same mask densely, a reference.
     ``dense_steps`` first steps and ``dense_layers`` first attention layers stay dense, and so do
     calls over fewer than ``min_tokens`` video tokens.
+
+    On a GPU, masks and layouts are built once per shape on the device and reused by every layer and
+    step; the per-call path has no host sync, except the data-dependent ones: ``topk`` (its mask is new
+    every call: one read of its density), ``spatial_temporal`` and ``renorm`` (one profile per site and
+    pipeline call), a text key-padding mask (HunyuanVideo), and the CPU ``gather`` backend.
 
     Tinkering: ``block_size`` tokens per block (a 3-D tile of the token grid), ``renorm``
     (Re-ttention-style correction for the attention mass of skipped blocks), the per-pattern
@@ -28,7 +35,7 @@ class AttentionConfig(ConfigBase):
 
     section = "attention"
     pattern: str = spec("dense", choices=PATTERNS, help="sparsity pattern; dense is off")
-    backend: str = spec("sdpa", choices=BACKENDS, help="attention kernel")
+    backend: str = spec("auto", choices=BACKENDS, help="attention kernel; auto: fastest measured for device/dtype")
     density: float = spec(1.0, min=0.0, max=1.0, min_exclusive=True, help="fraction of blocks computed")
     dense_steps: int = spec(0, min=0, help="first N denoising steps stay dense")
     dense_layers: int = spec(0, min=0, help="first N attention layers stay dense")
@@ -47,7 +54,7 @@ class AttentionConfig(ConfigBase):
 
     @property
     def enabled(self) -> bool:
-        return self.pattern != "dense" or self.backend != "sdpa"
+        return self.pattern != "dense" or self.backend not in ("auto", "sdpa")
 
     def validate(self) -> None:
         if self.pattern == "dense" and self.density != 1.0:
@@ -55,16 +62,19 @@ class AttentionConfig(ConfigBase):
                               f"(one of {', '.join(PATTERNS[1:])}); with pattern 'dense' it must be 1.0")
 
 
-# From BENCHMARKS.md "Sparse attention" (2-core CPU): a Wan-shaped transformer (1536 wide, 12 heads, 1 block)
-# at 8192 video tokens: radial d=0.25 1.55x dense at 67.6 dB PSNR, tile d=0.1 1.58x at 62.7 dB (every measured
-# setting is >= 30 dB there, the floor the rule asks for). balanced = the density-0.25 setting with the best
-# PSNR (its speed is within noise of the fastest at 0.25); fast = the fastest overall. Block 128 and the CPU
-# 'gather' backend were the fastest measured. Video DiTs only, and only at >= 8192 video tokens, the size
-# measured end to end: image families (sd15, sdxl, flux, sd3, pixart, animatediff) stay dense: their token
-# counts (<= 4096 at 1024 px) are where sparse attention pays least, and no end-to-end run shows a gain there.
-_VIDEO_DITS = ("wan", "hunyuanvideo", "cogvideox")
-_COMMON = {"backend": "gather", "block_size": 128, "min_tokens": 8192}
+# Video DiTs only, at >= 8192 video tokens; image families (sd15, sdxl, flux, sd3, pixart, animatediff) stay
+# dense: their token counts (<= 4096 at 1024 px) are where sparse attention pays least. Sparse attention and token
+# reduction do not stack (token reduction shortens the sequence, and the processor no longer sees the token grid),
+# so each video-DiT preset takes one of the two, by the token presets' rule applied to both techniques' rows of one
+# end-to-end table: WanPipeline, Wan2.1-1.3B-size random weights, 480x832x81 (32,760 tokens), 8 steps, CFG, one
+# H200 in bf16 (BENCHMARKS.md "Sparse attention on the GPU"): radial d=0.25 1.54x at 57.4 dB, tile d=0.1 1.86x at
+# 57.1 dB, token merging 0.5 (balanced/fast's part) 2.51x at 48.1 dB.
+#   safe     = the highest-PSNR row at >= 1.2x: sparse attention, radial d=0.25 (tokens off there);
+#   balanced = the fastest row at >= 35 dB, fast = the fastest at >= 30 dB: token merging 0.5 (no attention part).
+# HunyuanVideo and CogVideoX follow Wan's table. Block 128 and backend auto (our Triton kernel on CUDA, gather on
+# CPU) are the fastest measured.
+VIDEO_DITS = ("wan", "hunyuanvideo", "cogvideox")
+_COMMON = {"backend": "auto", "block_size": 128, "min_tokens": 8192}
 PRESETS: dict = {
-    "balanced": {f: {"pattern": "radial", "density": 0.25, **_COMMON} for f in _VIDEO_DITS},
-    "fast": {f: {"pattern": "tile", "density": 0.1, **_COMMON} for f in _VIDEO_DITS},
+    "safe": {f: {"pattern": "radial", "density": 0.25, **_COMMON} for f in VIDEO_DITS},
 }

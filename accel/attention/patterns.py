@@ -32,17 +32,26 @@ class SparseMask:
         self.allowed = allowed
         self.layout = layout
         self._flex = {}
+        self._densities = None
 
     @functools.cached_property
     def kv_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         return block_lists(self.allowed)
 
+    def _density_pair(self) -> tuple[float, float]:
+        # one host sync per mask, not per call: static masks are cached per shape, so their densities are read
+        # once; a topk mask (new every call) pays it once per call, documented in AttentionConfig
+        if self._densities is None:
+            nv = self.layout.n_video_blocks
+            both = torch.stack([self.allowed[..., :nv, :nv].float().mean(), self.allowed.float().mean()])
+            self._densities = tuple(both.tolist())
+        return self._densities
+
     def video_density(self) -> float:
-        nv = self.layout.n_video_blocks
-        return float(self.allowed[..., :nv, :nv].float().mean())
+        return self._density_pair()[0]
 
     def density(self) -> float:
-        return float(self.allowed.float().mean())
+        return self._density_pair()[1]
 
     def token_mask(self) -> torch.Tensor:
         """Dense [Bm, Hm, Np, Np] bool mask (block mask expanded, pad keys off): for reference backends."""
@@ -52,7 +61,8 @@ class SparseMask:
 
 
 def block_lists(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kv_num [..., nb] int32, kv_idx [..., nb, nb] int32) of a [..., nb, nb] bool mask: kept blocks first, ascending."""
+    """(kv_num [..., nb] int32, kv_idx [..., nb, nb] int32) of a [..., nb, nb] bool mask: kept blocks first,
+    ascending."""
     nb = a.shape[-1]
     order = torch.arange(nb, device=a.device).expand_as(a)
     idx = torch.where(a, order, nb + order).argsort(-1).to(torch.int32)
@@ -85,7 +95,7 @@ def _score(layout: BlockLayout, kind: str, sinks: int) -> torch.Tensor:
     else:
         raise ValueError(f"unknown static pattern {kind!r}")
     n = s.shape[0]
-    idx = torch.arange(n, dtype=torch.float64)
+    idx = torch.arange(n, dtype=torch.float64, device=s.device)
     return s - 1e-7 * (idx[None, :] - idx[:, None]).abs() - 1e-9 * idx[None, :]
 
 
@@ -102,12 +112,13 @@ def video_pattern(layout: BlockLayout, kind: str, density: float, *, sinks: int 
     if kind != "global_local":
         return _keep_top(score, k)
     n = score.shape[0]
-    local = _keep_top(score, max(1, math.ceil(k * local_fraction)))
-    n_global = k - int(local[0].sum())
+    n_local = max(1, math.ceil(k * local_fraction))
+    local = _keep_top(score, n_local)  # exactly n_local per row
+    n_global = k - n_local
     if n_global <= 0:
         return local
     stride = max(1, n // n_global)
-    strided = (torch.arange(n) % stride == 0)[None, :].expand(n, n)
+    strided = (torch.arange(n, device=score.device) % stride == 0)[None, :].expand(n, n)
     # local first, then strided tiles (far before near, so the global set reaches the whole video), then the rest
     ranked = torch.where(local, math.inf, torch.where(strided, 1e6 - score, score))
     return _keep_top(ranked, k)
@@ -128,9 +139,10 @@ def static_mask(layout: BlockLayout, kind: str, density: float, sinks: int, loca
     return SparseMask(with_text(video, layout)[None, None], layout)
 
 
+@functools.lru_cache(maxsize=32)
 def dense_mask(layout: BlockLayout) -> SparseMask:
     nb = layout.n_blocks
-    return SparseMask(torch.ones(1, 1, nb, nb, dtype=torch.bool), layout)
+    return SparseMask(torch.ones(1, 1, nb, nb, dtype=torch.bool, device=layout.valid.device), layout)
 
 
 def pooled_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -165,7 +177,8 @@ def kept_mass(qb: torch.Tensor, kb: torch.Tensor, layout: BlockLayout, masks: li
     nv, T = layout.n_video_blocks, layout.block
     valid = layout.valid.to(qb.device)
     cand = torch.nonzero(valid[: nv * T]).flatten()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # a CPU generator: the same rows on every device
+    # one small host-to-device copy, once per site and pipeline call (profiling), not per attention call
     pick = cand[torch.randperm(len(cand), generator=g)[:rows].to(cand.device)]
     s = (qb[:, :, pick].float() @ kb.float().transpose(-1, -2)) * scale  # [B, H, r, Np]
     s = s.masked_fill(~valid, float("-inf"))

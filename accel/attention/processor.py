@@ -45,7 +45,7 @@ class SparseProcessor:
     def _run(self, attn, args, kwargs):
         cfg = self.engine.cfg
         if self.rank < cfg.dense_layers or self.tracker.state.step < cfg.dense_steps:
-            self.engine.counts["dense_calls"] += 1
+            self.engine.skip("dense_layers" if self.rank < cfg.dense_layers else "dense_steps")
             return self.original(attn, *args, **kwargs)
         with RouteSDPA(self._attention):
             return self.original(attn, *args, **kwargs)
@@ -75,13 +75,19 @@ class SparseProcessor:
         dense = functools.partial(SDPA, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         same = query.ndim == 4 and key.shape == query.shape and value.shape == query.shape
-        place = self._placement(query.shape[-2]) if same and not is_causal and not dropout_p else None
-        keys = None if place is None or attn_mask is None else _text_key_padding(attn_mask, query, *place)
-        if place is None or (attn_mask is not None and keys is None):
-            self.engine.counts["passthrough_calls"] += 1
+        if not same or is_causal or dropout_p:
+            self.engine.skip("not_self_attention")
+            return dense()
+        place = self._placement(query.shape[-2])
+        if place is None:
+            self.engine.skip("grid_lost")
+            return dense()
+        keys = None if attn_mask is None else _text_key_padding(attn_mask, query, *place)
+        if attn_mask is not None and keys is None:
+            self.engine.skip("not_self_attention")
             return dense()
         if math.prod(place[0]) < self.engine.cfg.min_tokens:
-            self.engine.counts["dense_calls"] += 1
+            self.engine.skip("below_min_tokens")
             return dense()
         scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
         if keys is None:
@@ -89,7 +95,7 @@ class SparseProcessor:
         else:
             out = self._attend_padded(query, key, value, scale, keys, *place)
         if out is None:
-            self.engine.counts["passthrough_calls"] += 1
+            self.engine.skip("one_block")
             return dense()
         return out
 
@@ -113,7 +119,8 @@ class SparseProcessor:
 
 def _text_key_padding(mask, query, grid, text_len: int, text_first: bool):
     """[B, N] bool keys kept, when ``mask`` is a key-padding mask ([B or 1, 1, 1, N], bool or 0/-inf) that only
-    drops text tokens; None for any other mask (those calls run dense)."""
+    drops text tokens; None for any other mask (those calls run dense). Its checks read the mask's values: a few
+    host syncs per call, only for calls that carry a mask (HunyuanVideo's padded prompt)."""
     B, _, N, _ = query.shape
     if mask.ndim != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != N or mask.shape[0] not in (1, B):
         return None

@@ -8,12 +8,16 @@ Re-ttention correction, and restores the model's token order.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from . import backends
 from .config import AttentionConfig
 from .layout import BlockLayout, build_layout, from_blocks, to_blocks
-from .patterns import SparseMask, dense_mask, kept_mass, pooled_blocks, static_mask, topk_mask
+from .patterns import STATIC, SparseMask, dense_mask, kept_mass, pooled_blocks, static_mask, topk_mask
+
+MODEL_ORDER_PATTERNS = (*STATIC, "dense")  # masks built from shapes alone
 
 
 class SparseAttention:
@@ -27,13 +31,29 @@ class SparseAttention:
     def reset_stats(self) -> None:
         self._site_state.clear()
         self.counts = {"sparse_calls": 0, "dense_calls": 0, "passthrough_calls": 0}
+        self.reasons = Counter()  # why calls ran dense (REASONS)
+        self.ran = Counter()  # backend -> sparse calls it ran
         self._density = [0.0, 0.0, 0]  # video-pair density sum, with-text density sum, n
         self.heads = {"spatial": 0, "temporal": 0}
 
+    def skip(self, reason: str) -> None:
+        """Count one call that ran the module's dense attention, and why (a key of REASONS)."""
+        self.counts["passthrough_calls" if reason in PASSTHROUGH else "dense_calls"] += 1
+        self.reasons[reason] += 1
+
+    def why_dense(self) -> str | None:
+        """When no call ran sparse although some ran: the most common reason, as advice; else None."""
+        if self.counts["sparse_calls"] or not self.reasons:
+            return None
+        reason, n = self.reasons.most_common(1)[0]
+        return f"{n} of {sum(self.reasons.values())} calls: {REASONS[reason]}"
+
     def stats(self) -> dict:
         n = self._density[2]
-        out = {"pattern": self.cfg.pattern, "backend": self.backend, "density": self.cfg.density,
-               **self.counts,
+        ran = self.ran.most_common(1)[0][0] if self.ran else self.backend
+        out = {"pattern": self.cfg.pattern, "backend": ran, "configured_backend": self.cfg.backend,
+               "backend_calls": dict(self.ran), "density": self.cfg.density,
+               **self.counts, "dense_reasons": dict(self.reasons), "why_dense": self.why_dense(),
                "realised_density": round(self._density[0] / n, 6) if n else None,
                "realised_density_with_text": round(self._density[1] / n, 6) if n else None,
                "masks_cached": _cached_masks() + len(self._st_masks), "renorm": self.cfg.renorm}
@@ -63,7 +83,7 @@ class SparseAttention:
         if key not in self._st_masks:
             sp = static_mask(layout, "spatial", cfg.density, 0, 1.0).allowed
             tp = static_mask(layout, "temporal", cfg.density, 0, 1.0).allowed
-            choice = torch.tensor(state["choice"])[None, :, None, None]
+            choice = torch.tensor(state["choice"], device=sp.device)[None, :, None, None]
             self._st_masks[key] = (layout, SparseMask(torch.where(choice, sp, tp), layout))
         return self._st_masks[key][1]
 
@@ -74,18 +94,36 @@ class SparseAttention:
         if layout.n_video_blocks <= 1 and self.cfg.pattern != "dense":
             return None
         layout = layout.to(q.device)
+        cfg = self.cfg
+        kernel = backends.auto_backend(q.device, q.dtype) if self.backend == "auto" else self.backend
+        if kernel == "triton" and not cfg.renorm and cfg.pattern in MODEL_ORDER_PATTERNS:
+            # masks that need no q/k statistics: our kernel reads and writes the model's order directly
+            mask = self._mask(site_key, layout, None, None, scale)
+            if self.backend == "auto":
+                out, ran = backends.run_auto(q, k, v, mask, scale, cfg.flex_compile, model_order=True)
+            else:
+                out, ran = backends.triton_model_order(q, k, v, mask, scale), "triton"
+            self._count(mask, ran)
+            return out
         qb, kb, vb = to_blocks(q, layout), to_blocks(k, layout), to_blocks(v, layout)
         mask = self._mask(site_key, layout, qb, kb, scale)
         if mask.allowed.device != q.device:
             mask.allowed = mask.allowed.to(q.device)
-        ob = backends.run(self.backend, qb, kb, vb, mask, scale, self.cfg.flex_compile)
-        if self.cfg.renorm and self.cfg.pattern != "dense":
+        if self.backend == "auto":
+            ob, ran = backends.run_auto(qb, kb, vb, mask, scale, cfg.flex_compile)
+        else:
+            ob, ran = backends.run(self.backend, qb, kb, vb, mask, scale, cfg.flex_compile), self.backend
+        if cfg.renorm and cfg.pattern != "dense":
             ob = self._renorm(site_key, ob, qb, kb, vb, mask, scale)
+        self._count(mask, ran)
+        return from_blocks(ob, layout)
+
+    def _count(self, mask: SparseMask, ran: str) -> None:
+        self.ran[ran] += 1
         self.counts["sparse_calls"] += 1
         self._density[0] += mask.video_density()
         self._density[1] += mask.density()
         self._density[2] += 1
-        return from_blocks(ob, layout)
 
     def _renorm(self, site_key, ob, qb, kb, vb, mask: SparseMask, scale):
         """Re-ttention-style correction: o = r * o_sparse + (1 - r) * mean(v over skipped keys).
@@ -112,6 +150,20 @@ class SparseAttention:
         o = ob.view(B, H, nb, T, D)
         corrected = r[..., None] * o + (1 - r[..., None]) * skipped_mean[:, :, :, None, :]
         return torch.where(has_skip[..., None], corrected, o).view(B, H, Np, D)
+
+
+REASONS = {
+    "dense_steps": "within attention.dense_steps (configured)",
+    "dense_layers": "within attention.dense_layers (configured)",
+    "below_min_tokens": "fewer video tokens than attention.min_tokens (sparse attention does not pay there); "
+                        "lower min_tokens to use it at this size",
+    "one_block": "the video grid fits in one block, so there is nothing to skip; lower attention.block_size",
+    "grid_lost": "the attention input does not match the video token grid: a technique that changes the token "
+                 "sequence ran first (token reduction); sparse attention and token reduction do not stack, use one",
+    "not_self_attention": "not full self/joint attention over the grid (cross-attention shapes, causal, dropout, "
+                          "or a mask other than a text key-padding mask)",
+}
+PASSTHROUGH = ("grid_lost", "not_self_attention", "one_block")
 
 
 def _cached_masks() -> int:

@@ -111,8 +111,12 @@ def _per_family(unet: dict, dit: dict, video_dit: dict) -> dict:
     return {f: {**v, "min_tokens": MIN_TOKENS} for f, v in table.items()}
 
 
+# safe leaves token reduction off where its sparse attention part runs (the two do not stack: attention/config.py
+# has the end-to-end table that chose between them per preset)
+_SPARSE_IN_SAFE = ("wan", "hunyuanvideo", "cogvideox")
 PRESETS: dict = {
-    "safe": _per_family({"ratio": 0.3}, {"ratio": 0.5, "method": "prune"}, {"ratio": 0.3}),
+    "safe": {**_per_family({"ratio": 0.3}, {"ratio": 0.5, "method": "prune"}, {"ratio": 0.3}),
+             **dict.fromkeys(_SPARSE_IN_SAFE)},
     "balanced": _per_family({"ratio": 0.5}, {"ratio": 0.75, "method": "prune"}, {"ratio": 0.5}),
     "fast": _per_family({"ratio": 0.5}, {"ratio": 0.75, "method": "prune"}, {"ratio": 0.5}),
 }

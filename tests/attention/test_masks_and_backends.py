@@ -26,10 +26,43 @@ def _qkv(B, H, N, D, seed=0):
 
 
 def test_layout_round_trip_with_padding_and_text():
-    lay = build_layout((3, 5, 7), 9, True, 16)  # nothing divides: edge tiles padded, text padded
+    lay = build_layout((3, 5, 7), 9, True, 16)  # nothing divides: edge tiles share blocks, text padded
     assert lay.padded % 16 == 0 and int(lay.valid.sum()) == 3 * 5 * 7 + 9
     x = torch.randn(2, 2, lay.n_tokens, 4)
     assert torch.equal(from_blocks(to_blocks(x, lay), lay), x)
+
+
+@pytest.mark.parametrize("grid,text", [((21, 30, 52), 0), ((21, 45, 80), 0), ((3, 5, 7), 9), ((16, 32, 32), 5)])
+def test_layout_pads_only_the_last_video_and_text_block(grid, text):
+    """Wan's 480p/720p grids are divided by no 128-token tile: padding each edge tile would cost 1.72x / 1.22x
+    the block pairs. Here only the last video block and the last text block hold pads, at their end."""
+    T = 128 if grid[0] > 3 else 16
+    lay = build_layout(grid, text, True, T)
+    n_video = math.prod(grid)
+    assert lay.n_video_blocks == -(-n_video // T) and lay.n_text_blocks == -(-text // T)
+    counts = lay.valid.view(lay.n_blocks, T)
+    assert int(lay.block_has_pad.sum()) == (n_video % T > 0) + (text % T > 0)
+    # pads at the end of a block: every block's valid slots are a prefix
+    assert torch.equal(counts, torch.arange(T)[None, :] < counts.sum(1, keepdim=True))
+
+
+def test_layout_blocks_are_whole_tiles_where_the_tile_divides():
+    lay = build_layout((16, 32, 32), 0, True, 128)
+    tok = lay.gather[: lay.n_video_blocks * 128].view(-1, 128, 1)
+    f, h, w = (tok // d % m for d, m in ((1024, 16), (32, 32), (1, 32)))
+    tf, th, tw = lay.tile
+    # each block spans exactly one tile: tf x th x tw distinct positions
+    for axis, size in ((f, tf), (h, th), (w, tw)):
+        assert (axis.amax(1) - axis.amin(1) + 1).eq(size).all()
+
+
+def test_masks_are_built_on_the_layout_device():
+    """No host tensor in mask building: on the meta device any CPU tensor beside the layout's raises."""
+    lay = build_layout((5, 6, 8), 7, True, 16).to("meta")
+    for kind in STATIC:
+        m = static_mask(lay, kind, 0.25, 1, 0.5)
+        assert m.allowed.device.type == "meta" and m.kv_indices[1].device.type == "meta"
+    assert dense_mask(lay).allowed.device.type == "meta"
 
 
 @pytest.mark.parametrize("backend", AVAILABLE)
@@ -141,7 +174,12 @@ TRITON_SCRIPT = textwrap.dedent("""
     assert unavailable_reason("triton", torch.device("cpu")) is None
     worst = 0.0
     # the second case pads every edge tile and the text block, and has a head size that is not a power of 2
-    for grid, text, T, D, masks in [((2, 4, 4), 0, 16, 16, ("tile",)), ((3, 5, 3), 9, 16, 24, ("radial", "topk"))]:
+    from accel.attention.backends import triton_model_order
+    from accel.attention.kernels.block_sparse import block_sparse_attention, configs
+    # the second case pads the last video block and the text block, and has a head size that is not a power of 2;
+    # the third runs every launch setting, BLOCK_N below the block size included (several steps per block)
+    for grid, text, T, D, masks in [((2, 4, 4), 0, 16, 16, ("tile",)), ((3, 5, 3), 9, 16, 24, ("radial", "topk")),
+                                    ((3, 6, 7), 5, 32, 16, ("tile",))]:
         lay = build_layout(grid, text, True, T)
         g = torch.Generator().manual_seed(T + D)
         q, k, v = [to_blocks(torch.randn(2, 1, lay.n_tokens, D, generator=g), lay) for _ in range(3)]
@@ -149,12 +187,38 @@ TRITON_SCRIPT = textwrap.dedent("""
         dense = F.scaled_dot_product_attention(from_blocks(q, lay), from_blocks(k, lay), from_blocks(v, lay))
         tri = from_blocks(run("triton", q, k, v, dense_mask(lay), s), lay)
         worst = max(worst, float((tri - dense).abs().max()))
+        valid = lay.valid
         for name in masks:
             m = topk_mask(q, k, lay, 0.5, 0.9, s) if name == "topk" else static_mask(lay, name, 0.5, 1, 0.5)
-            a = run("triton", q, k, v, m, s)
             b = run("flex", q, k, v, m, s, flex_compile=False)
-            valid = lay.valid
+            a = run("triton", q, k, v, m, s)
             worst = max(worst, float((a[:, :, valid] - b[:, :, valid]).abs().max()))
+            # model order in and out through the slot -> token table (q/k/v as strided views, as processors
+            # hand them over), gathering q/o, k/v or both
+            ref = from_blocks(b, lay)
+            qm, km, vm = (from_blocks(x, lay).transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+            for gather in (("q", "kv"), ("q",), ("kv",)):
+                qi = qm if "q" in gather else q
+                ki, vi = (km, vm) if "kv" in gather else (k, v)
+                a = triton_model_order(qi, ki, vi, m, s, gather=gather)
+                a = a if "q" in gather else from_blocks(a, lay)
+                worst = max(worst, float((a - ref).abs().max()))
+            if T == 32:
+                num, idx = m.kv_indices
+                # the interpreter ignores warps and stages: one run per tile shape
+                shapes = {(c["BLOCK_M"], c["BLOCK_N"]): c for c in configs(T)}
+                for c in shapes.values():
+                    a = block_sparse_attention(q, k, v, num, idx, lay.block_count_i32, T, s, config=c)
+                    worst = max(worst, float((a[:, :, valid] - b[:, :, valid]).abs().max()))
+    # the engine's own route for triton (model order, no tiled copies) against its flex route
+    from accel.attention.config import AttentionConfig
+    from accel.attention.sparse import SparseAttention
+    grid = (3, 6, 7)
+    q, k, v = [torch.randn(2, 2, 126 + 5, 16, generator=g) for _ in range(3)]
+    outs = [SparseAttention(AttentionConfig(pattern="tile", backend=b, density=0.5, block_size=32,
+                                            flex_compile=False), b).attend(q, k, v, 0.25, "s", grid, 5, False)
+            for b in ("triton", "flex")]
+    worst = max(worst, float((outs[0] - outs[1]).abs().max()))
     print("WORST", worst)
     assert worst < 1e-5, worst
 """)
@@ -168,3 +232,31 @@ def test_triton_kernel_matches_flex_under_interpreter():
                        timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "WORST" in r.stdout
+
+
+# (dtype, head size, candidate index or None for the default, model-order gathers)
+COMPILE_CASES = ([("bf16", 128, None, True), ("fp16", 64, None, True), ("bf16", 72, None, True),
+                  ("bf16", 128, None, False)] + [("bf16", 128, i, False) for i in range(1, 9)])
+
+
+@pytest.mark.parametrize("dtype,head_dim,config,gather", COMPILE_CASES)
+def test_triton_kernel_compiles_for_hopper_without_a_gpu(dtype, head_dim, config, gather):
+    """The interpreter compiles nothing: build the kernel for sm_90 with triton's own compiler (ptxas ships with
+    triton), at the default launch setting per head size and at the candidates of the GPU sweep, reading tiled or
+    model-order tensors, so that a compile error fails CI; Hopper's matrix instruction (wgmma) must be in the PTX."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from accel.attention.kernels import block_sparse as bs
+
+    c = bs.configs(128)[config] if config is not None else bs.config_for(torch.device("cpu"), head_dim, 128)
+    consts = {"HEAD_DIM": head_dim, "D_PAD": max(16, triton.next_power_of_2(head_dim)), "MASK_BLOCK": 128,
+              "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "GATHER_Q": gather, "GATHER_KV": gather}
+    sig = {name: ("constexpr" if name in consts else f"*{dtype}" if name in "QKVO"
+                  else "*i32" if name.startswith(("KV_", "KEY_", "SLOT_")) else "fp32" if name == "qk_scale"
+                  else "i32") for name in bs._block_sparse_fwd.arg_names}
+    kernel = triton.compile(ASTSource(fn=bs._block_sparse_fwd, signature=sig, constexprs=consts),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": c["num_warps"], "num_stages": c["num_stages"]})
+    assert kernel.asm["cubin"] and "wgmma.mma_async" in kernel.asm["ptx"]

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 import accel
 from accel.config_base import ConfigError
@@ -17,7 +18,7 @@ SIZE = {"height": 64, "width": 64}  # tiny models: >= 3 tiles of 16 tokens per a
 # with them (the preset leaves calls under its min_tokens dense); eager flex keeps the reference backends fast.
 TINY = {"block_size": 16, "flex_compile": False}
 TINY_PRESET = {"block_size": 16, "min_tokens": 0}
-PRESET = "balanced"
+PRESET = "safe"  # the preset with sparse attention for video DiTs
 # PSNR floor (dB) of the PRESET's attention part vs dense on the tiny random-weight models, measured on a
 # 2-core CPU at block 16 (radial, density 0.25): wan 53.9, cogvideox 37.0, hunyuanvideo 42.7; floors ~3-4 dB under.
 # Families the preset leaves dense (flux, sd15) must stay bitwise identical.
@@ -125,3 +126,41 @@ def test_unavailable_backend_errors_or_falls_back(tiny_cache, monkeypatch):
         _run(pipe, "flux")
         st = accel.stats(pipe)["attention"]
     assert st["backend"] == "flex" and "missing" in st["fallback_reason"] and st["sparse_calls"] > 0
+
+
+def test_auto_backend_runs_gather_on_cpu_and_stats_name_it(tiny_cache):
+    from accel.attention.backends import auto_backend
+
+    assert accel.AttentionConfig().backend == "auto" and not accel.AttentionConfig().enabled
+    assert auto_backend(torch.device("cpu"), torch.float32) == "gather"
+    assert auto_backend(torch.device("cuda"), torch.float32) == "flex"  # the kernel's fp32 dot would be tf32
+    pipe = tiny_cache("wan")
+    with accel.applied(pipe, {"attention": {**TINY_PRESET, "pattern": "tile", "density": 0.5}}):
+        _run(pipe, "wan")
+        st = accel.stats(pipe)["attention"]
+    assert st["configured_backend"] == "auto" and st["backend"] == "gather"
+    assert st["backend_calls"] == {"gather": st["sparse_calls"]} and st["sparse_calls"] > 0 and st["why_dense"] is None
+
+
+@pytest.mark.parametrize("case", ["tokens_first", "min_tokens", "one_block"])
+def test_stats_say_why_sparse_attention_did_nothing(tiny_cache, case):
+    pipe = tiny_cache("wan")
+    att = {**TINY, "pattern": "radial", "density": 0.25, "min_tokens": 0}
+    cfg = {"attention": att}
+    if case == "tokens_first":  # token merging shortens the sequence before attention sees it
+        cfg["tokens"] = {"ratio": 0.5, "min_tokens": 0}
+    elif case == "min_tokens":
+        att["min_tokens"] = 10**6
+    else:
+        att["block_size"] = 128  # the tiny grid fits in one block
+    with accel.applied(pipe, cfg):
+        _run(pipe, "wan")
+        st = accel.stats(pipe)
+    a = st["attention"]
+    assert a["sparse_calls"] == 0 and a["why_dense"], a
+    reason = {"tokens_first": "grid_lost", "min_tokens": "below_min_tokens", "one_block": "one_block"}[case]
+    assert max(a["dense_reasons"], key=a["dense_reasons"].get) == reason
+    assert {"grid_lost": "token reduction", "below_min_tokens": "min_tokens",
+            "one_block": "block_size"}[reason] in a["why_dense"]
+    if case == "tokens_first":
+        assert st["tokens"]["average_removed"] > 0  # token reduction did run
