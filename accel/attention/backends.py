@@ -226,8 +226,8 @@ _auto_failed: dict = {}  # backend -> the error that made `auto` stop choosing i
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The fastest measured backend for ``device`` and ``dtype`` (BENCHMARKS.md, "Sparse attention on the GPU"
-    and "Sparse attention" for CPU): our Triton kernel on CUDA in fp16/bf16, compiled flex on CUDA otherwise
+    """The fastest measured backend for ``device`` and ``dtype`` (BENCHMARKS.md, "Sparse attention",
+    "On the GPU" and "On CPU"): our Triton kernel on CUDA in fp16/bf16, compiled flex on CUDA otherwise
     (the kernel's fp32 dot would run in tf32) or when triton is missing or failed here, gather on CPU."""
     if device.type == "cuda":
         if (dtype in (torch.float16, torch.bfloat16) and "triton" not in _auto_failed

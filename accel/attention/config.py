@@ -68,8 +68,9 @@ class AttentionConfig(ConfigBase):
 # reduction do not stack (token reduction shortens the sequence, and the processor no longer sees the token grid),
 # so each video-DiT preset takes one of the two, by the token presets' rule applied to both techniques' rows of one
 # end-to-end table: WanPipeline, Wan2.1-1.3B-size random weights, 480x832x81 (32,760 tokens), 8 steps, CFG, one
-# H200 in bf16 (BENCHMARKS.md "Sparse attention on the GPU"): radial d=0.25 1.54x at 57.4 dB, tile d=0.1 1.86x at
-# 57.1 dB, token merging 0.5 (balanced/fast's part) 2.51x at 48.1 dB.
+# H200 in bf16 (BENCHMARKS.md "Sparse attention" / "On the GPU"): radial d=0.25 1.62x at 57.4 dB, tile d=0.1
+# 1.98x at 57.1 dB, token merging 0.3 1.59x at 50.4 dB, token merging 0.5 (balanced/fast's part, with their
+# cache) 2.51x at 48.1 dB.
 #   safe     = the highest-PSNR row at >= 1.2x: sparse attention, radial d=0.25 (tokens off there);
 #   balanced = the fastest row at >= 35 dB, fast = the fastest at >= 30 dB: token merging 0.5 (no attention part).
 # HunyuanVideo and CogVideoX follow Wan's table. Block 128 and backend auto (our Triton kernel on CUDA, gather on

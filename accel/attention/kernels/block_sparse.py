@@ -9,7 +9,7 @@ nothing. A key block's pad slots sit at its end (`layout.BlockLayout`): a block 
 (fp32 accumulation) and in fp32 on CPU under ``TRITON_INTERPRET=1``.
 
 Launch settings: `config_for` gives the measured default for the GPU (BENCHMARKS.md, "Sparse
-attention on the GPU"); ``ACCEL_TRITON_AUTOTUNE=1`` times every candidate of `configs` on the first
+attention" / "On the GPU"); ``ACCEL_TRITON_AUTOTUNE=1`` times every candidate of `configs` on the first
 call of each head size, block size and dtype instead (triton.autotune), which costs seconds once.
 """
 
@@ -108,8 +108,8 @@ def _block_sparse_fwd(
 CANDIDATES = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
               (128, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2), (16, 16, 1, 1),
               (128, 64, 4, 2), (128, 64, 4, 4), (128, 32, 4, 3), (128, 32, 4, 2)]
-# measured defaults per (compute capability major, head size <= 64 or not): BENCHMARKS.md
-# The fastest on an H200 (BENCHMARKS.md, "Sparse attention on the GPU"): heads of 128 (Wan, HunyuanVideo),
+# measured defaults per (compute capability major, head size <= 64 or not), the fastest on an H200
+# (BENCHMARKS.md, "Sparse attention" / "On the GPU"): heads of 128 (Wan, HunyuanVideo),
 # 32,760 tokens: 0.93 / 0.85 of the ideal at d=0.25 / 0.1 on tiled q/k/v; heads of 64 (CogVideoX, LTX), 17,550
 # tokens: 0.93 / 0.81 in model order (what the engine runs)
 _DEFAULTS = {(9, False): (128, 64, 4, 3), (9, True): (64, 64, 4, 2)}
