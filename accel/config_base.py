@@ -9,6 +9,7 @@ what is allowed, because the person reading them is usually editing a YAML file 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Union
@@ -114,7 +115,11 @@ def read_mapping(path, what: str = "config file") -> dict:
             import tomllib
 
             data = tomllib.loads(text)
-        else:  # JSON is YAML
+        elif fmt == "json":  # JSON's own parser: YAML refuses JSON indented with tabs
+            import json
+
+            data = json.loads(text)
+        else:
             import yaml
 
             data = yaml.safe_load(text)
@@ -143,9 +148,7 @@ class ConfigBase:
 
     @staticmethod
     def _check_bounds(f: dataclasses.Field, value, where: str):
-        meta = f.metadata
-        if not meta:
-            return
+        meta = f.metadata or {}
         choices = meta.get("choices")
         items = value if isinstance(value, tuple) else (value,)
         for v in items:
@@ -153,6 +156,12 @@ class ConfigBase:
                 continue
             if choices is not None and v not in choices:
                 raise ConfigError(f"{where}: {v!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+            if isinstance(v, float) and not math.isfinite(v):  # NaN passes every < / > comparison
+                lo, hi = meta.get("min"), meta.get("max")
+                bounds = [f"{'>' if meta.get('min_exclusive') else '>='} {lo}"] if lo is not None else []
+                bounds += [f"<= {hi}"] if hi is not None else []
+                raise ConfigError(f"{where}: {v!r} is not a finite number; give a number"
+                                  + (f" {' and '.join(bounds)}" if bounds else ""))
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 lo, hi = meta.get("min"), meta.get("max")
                 if lo is not None and (v <= lo if meta.get("min_exclusive") else v < lo):

@@ -88,6 +88,8 @@ def _has_pyav():
     (["--out", "/dev/null/x/y.png"], "cannot create output folder"),
     (["--out", "picture.bmp"], "use a .png"),
     (["--model", "tiny-sd15", "--frames", "9"], "makes images, not video"),
+    (["--guidance", "nan"], "'nan' is not a finite number"),
+    (["--guidance", "inf"], "'inf' is not a finite number"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(args, fragment, tmp_path, monkeypatch, capsys):
     # In process (`main` is what the `accel` script runs); the subprocess test below checks the script.

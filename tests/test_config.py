@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -113,3 +114,32 @@ def test_no_preset_has_a_part_that_cannot_run(level):
         cfg = accel.preset(level, family)
         assert not (cfg.tokens.enabled and cfg.attention.enabled), (level, family)
     assert accel.preset("safe", "wan").attention.pattern != "dense"  # sparse attention is on somewhere by default
+
+
+def _float_fields():
+    for section in (accel.CacheConfig, accel.TokenConfig, accel.AttentionConfig, accel.ParallelConfig):
+        for f in dataclasses.fields(section):
+            if f.type in ("float", float) or f.type == "float | None":
+                yield section, f.name
+
+
+@pytest.mark.parametrize("section,name", list(_float_fields()), ids=lambda x: getattr(x, "__name__", x))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_every_float_field_rejects_nan_and_infinity_naming_the_field(section, name, bad):
+    """NaN passes every < / > bound check; a NaN threshold made the block cache silently never reuse."""
+    with pytest.raises(accel.ConfigError, match=rf"{section.section}\.{name}: {bad!r} is not a finite number"):
+        section(**{name: bad})
+
+
+def test_config_files_reject_nan_and_json_is_read_as_json(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[cache]\nmethod = "block"\nthreshold = nan\n')
+    with pytest.raises(accel.ConfigError, match="cache.threshold: nan is not a finite number"):
+        accel.Config.load(toml)
+    tabs = tmp_path / "c.json"  # valid JSON that YAML refuses (tab indentation)
+    tabs.write_text('{\n\t"cache": {\n\t\t"method": "block",\n\t\t"interval": 2\n\t}\n}')
+    assert accel.Config.load(tabs).cache.interval == 2
+    nan_json = tmp_path / "n.json"
+    nan_json.write_text('{"attention": {"pattern": "tile", "density": NaN}}')
+    with pytest.raises(accel.ConfigError, match="attention.density: nan is not a finite number"):
+        accel.Config.load(nan_json)

@@ -7,6 +7,7 @@ Every user-facing failure (unknown model, bad size, bad config, unwritable path)
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -36,9 +37,12 @@ def _int(text: str) -> int:
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):  # nan/inf would pass every later range check
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
