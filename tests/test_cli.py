@@ -4,11 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import accel
 from accel.app.cli import main
 
 
@@ -58,7 +60,34 @@ def test_generate_video_writes_mp4(tmp_path):
     if frames is not None:
         assert frames.ndim == 4
     side = json.loads((tmp_path / "clip.mp4.json").read_text())
-    assert side["preset"] is None and side["call"]["num_frames"] >= 1
+    assert side["preset"] == "off" and side["call"]["num_frames"] >= 1
+
+
+def test_generate_layers_preset_config_file_and_set_and_takes_a_sidecar_back(tmp_path):
+    """--preset, then the --config file's sections, then --set (as batch does); the sidecar records the preset and
+    the config once, holds only plain values, and is itself a valid --config that reproduces the config."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{\n\t"cache": {"interval": 4}\n}')  # tab-indented JSON
+    first = tmp_path / "a.png"
+    assert main(["generate", "--model", "tiny-sd15", "--prompt", "a red circle", "--steps", "3", "--preset", "fast",
+                 "--config", str(cfg), "--set", "tokens.ratio=0.4", "--out", str(first)]) == 0
+    side = json.loads((tmp_path / "a.png.json").read_text())
+    fast = accel.preset("fast", "sd15")
+    assert side["preset"] == "fast" and "config" not in side["stats"]
+    assert side["config"]["cache"] == {**fast.cache.to_dict(), "interval": 4}  # the file on top of the preset
+    assert side["config"]["tokens"] == {**fast.tokens.to_dict(), "ratio": 0.4}  # --set on top of both
+    assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in side["call"].values())
+    again = tmp_path / "b.png"
+    assert main(["generate", "--model", "tiny-sd15", "--prompt", "a red circle", "--steps", "3",
+                 "--config", str(tmp_path / "a.png.json"), "--out", str(again)]) == 0
+    assert json.loads((tmp_path / "b.png.json").read_text())["config"] == side["config"]
+
+
+def test_the_readme_example_config_loads():
+    root = Path(__file__).resolve().parents[1]
+    assert "--config examples/accel.yaml" in (root / "README.md").read_text()
+    cfg = accel.Config.load(root / "examples" / "accel.yaml")
+    assert cfg.cache.enabled and cfg.attention.enabled
 
 
 def test_without_model_the_trained_defaults_are_used_for_pictures_and_for_video(tmp_path):

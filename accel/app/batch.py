@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config_base import ConfigError, read_mapping
+from ..config_base import ConfigError
 from . import manifest as mf
 from .cli import UsageError, _float, _int, _positive_int
 from .prompts import PromptFileError, Row, read_rows, stem
@@ -128,8 +128,10 @@ def _read_config_file(path) -> tuple[dict, dict]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {str(path)!r}: no such file")
+    from .generation import config_mapping
+
     try:
-        data = read_mapping(p)
+        data = config_mapping(p)
     except ConfigError as e:
         raise UsageError(f"--config: {e}") from None
     unknown = [k for k in data if k not in (*_CONFIG_SECTIONS, _PARALLEL_SECTION, "batch")]

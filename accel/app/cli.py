@@ -66,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_VIDEO_MODEL} when --frames or a video --out asks for video)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
-    conf = g.add_mutually_exclusive_group()
-    conf.add_argument("--preset", default=None, help="preset name (see `accel models`); default off")
-    conf.add_argument("--config", default=None, help="config file (.json, .yaml, .toml)")
+    g.add_argument("--preset", default=None, help="preset name (see `accel models`); default off")
+    g.add_argument("--config", default=None,
+                   help="config file (.json, .yaml, .toml) or an output's sidecar .json: its cache/tokens/attention "
+                        "sections apply on top of the preset")
+    g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field on top of both, e.g. --set cache.interval=3 (repeatable)")
     g.add_argument("--steps", type=_positive_int, default=None, help="denoising steps")
     g.add_argument("--height", type=_positive_int, default=None)
     g.add_argument("--width", type=_positive_int, default=None)
@@ -125,15 +128,13 @@ def cmd_models(args) -> int:
 
 
 def _config_from_args(args, family: str):
-    from ..config import Config, resolve
+    """The preset for ``family``, then the ``--config`` file's sections, then ``--set`` (as `accel batch` does)."""
+    from .batch import _deep_set, _parse_sets, _read_config_file, config_for
 
-    if args.config:
-        from ..config_base import read_mapping
-
-        data = read_mapping(Path(args.config))
-        data.pop("parallel", None)  # read by generation.parallel_config
-        return Config.from_dict(data)
-    return resolve(args.preset or "off", family)
+    sections = _read_config_file(args.config)[1] if args.config else {}
+    for k, v in _parse_sets(args.sets).items():
+        _deep_set(sections, k, v)
+    return config_for(args.preset or "off", sections, family)
 
 
 def cmd_generate(args) -> int:
@@ -231,7 +232,7 @@ def _generate(args, pcfg) -> int:
     sidecar = generation.sidecar(
         pipe, output=out.name, model=args.model, family=family, prompt=args.prompt,
         negative_prompt=args.negative_prompt, seed=args.seed, kw=kw,
-        preset=None if args.config else (args.preset or "off"), config=cfg,
+        preset=args.preset or "off", config=cfg,
         timings={"load_s": load_s, "generate_s": generate_s, "save_s": save_s})
     if pcfg is not None:
         sidecar["parallel"] = accel.parallel.parallel_stats(pipe)

@@ -36,15 +36,33 @@ def sidecar(pipe, *, output: str, model: str, family: str, prompt: str, negative
     import accel
 
     denoiser = next(iter(pipe.components[n] for n in ("unet", "transformer") if n in pipe.components))
+    stats = accel.stats(pipe) if stats is None else stats
     return {
         "output": output, "model": model, "family": family, "prompt": prompt,
         "negative_prompt": negative_prompt, "seed": seed,
-        "call": {k: v for k, v in kw.items() if k not in ("generator", "prompt", "negative_prompt")},
+        # plain values only: a callback or a tensor in the call would be written as its repr
+        "call": {k: v for k, v in kw.items() if k not in ("generator", "prompt", "negative_prompt") and _plain(v)},
         "preset": preset, "config": config.to_dict(),
         "timings": {k: round(v, 4) for k, v in timings.items()},
-        "stats": accel.stats(pipe) if stats is None else stats, "versions": versions(), "device": str(pipe.device),
-        "dtype": str(denoiser.dtype),
+        "stats": {k: v for k, v in stats.items() if k != "config"},  # the config is recorded once, above
+        "versions": versions(), "device": str(pipe.device), "dtype": str(denoiser.dtype),
     }
+
+
+def _plain(v) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def config_mapping(path) -> dict:
+    """The mapping of a ``--config`` file: a config file as it is, or an output's sidecar JSON (its ``config``)."""
+    from ..config_base import read_mapping
+
+    data = read_mapping(path)
+    if isinstance(data.get("config"), dict) and "output" in data and "model" in data:  # a sidecar
+        return dict(data["config"])
+    return data
 
 
 def parallel_config(spec: str | None, config_file=None):
@@ -52,13 +70,13 @@ def parallel_config(spec: str | None, config_file=None):
     table; None when neither gives one. Values are YAML scalars (``vae=true``, ``patch_mode=async``)."""
     import yaml
 
-    from ..config_base import ConfigError, read_mapping
+    from ..config_base import ConfigError
     from ..parallel import ParallelConfig
     from .cli import UsageError
 
     fields = {}
     if config_file:
-        section = read_mapping(config_file).get("parallel")
+        section = config_mapping(config_file).get("parallel")
         if section is not None and not isinstance(section, dict):
             raise UsageError(f"--config {str(config_file)!r}: parallel must be a table of ParallelConfig fields")
         fields.update(section or {})
