@@ -7,14 +7,17 @@
     accel.remove(pipe)                # restores the pipeline exactly
 """
 
-from .api import applied, apply, config_of, is_applied, remove, stats
-from .attention.config import AttentionConfig
-from .cache.config import CacheConfig
-from .config import Config, available_presets, preset
-from .config_base import ConfigError
-from .families import FAMILIES, UnsupportedModelError
-from .parallel import ParallelConfig, parallelize
-from .tokens.config import TokenConfig
+from ._lazy import lazy
+
+# What `import accel` offers, imported on first use: torch and diffusers load only when a name needs them.
+_EXPORTS = {
+    **dict.fromkeys(("apply", "remove", "applied", "stats", "is_applied", "config_of"), ".api"),
+    "AttentionConfig": ".attention.config", "CacheConfig": ".cache.config", "TokenConfig": ".tokens.config",
+    **dict.fromkeys(("Config", "available_presets", "preset"), ".config"), "ConfigError": ".config_base",
+    **dict.fromkeys(("FAMILIES", "UnsupportedModelError"), ".families"),
+    "ParallelConfig": ".parallel.config", "parallelize": ".parallel.api",
+}
+__getattr__, __dir__ = lazy(__name__, _EXPORTS)
 
 __version__ = "0.1.0"
 

@@ -141,3 +141,19 @@ def _assert_one_error_line(rc, stderr, fragment):
     assert len(lines) == 1, stderr
     assert lines[0].startswith("accel: error:") and fragment in lines[0], lines[0]
     assert "Traceback" not in stderr
+
+
+def test_help_answers_without_importing_torch():
+    """`accel --help` and `import accel` load neither torch nor diffusers (they took 4-12 s before a word was
+    printed); the names `import accel` offers load their modules on first use."""
+    code = ("import sys, contextlib, io\n"
+            "import accel\n"
+            "from accel.app.cli import main\n"
+            "for argv in (['--help'], ['generate', '--help'], ['batch', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+            "accel.CacheConfig(method='block'); print('torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["[]", "False"], r.stdout

@@ -10,25 +10,33 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
+from .._lazy import lazy
 from ..config_base import ConfigError
-from .backends import unavailable_reason
 from .config import AttentionConfig
-from .processor import SparseProcessor, sparse_sites, wrap
-from .sparse import SparseAttention
+
+# the engine and the processor import torch and diffusers: only when used, not with the package
+__getattr__, __dir__ = lazy(__name__, {"SparseAttention": ".sparse", "SparseProcessor": ".processor"})
 
 __all__ = ["AttentionConfig", "SparseAttention", "SparseProcessor", "apply_technique", "resolve_backend"]
 
 logger = logging.getLogger("accel.attention")
 
 
-def _device_of(module: torch.nn.Module) -> torch.device:
+def unavailable_reason(backend: str, device) -> str | None:
+    """`backends.unavailable_reason`, looked up here when a config is applied (tests patch this name)."""
+    from .backends import unavailable_reason as reason
+
+    return reason(backend, device)
+
+
+def _device_of(module):
+    import torch
+
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
-def resolve_backend(cfg: AttentionConfig, device: torch.device) -> tuple[str, str | None]:
+def resolve_backend(cfg: AttentionConfig, device) -> tuple[str, str | None]:
     """(backend to use, reason it differs from the configured one or None). Raises per ``on_unavailable``."""
     reason = unavailable_reason(cfg.backend, device)
     if reason is None:
@@ -42,7 +50,7 @@ def resolve_backend(cfg: AttentionConfig, device: torch.device) -> tuple[str, st
 
 
 class AttentionHandle:
-    def __init__(self, engine: SparseAttention, sites: int, fallback: str | None):
+    def __init__(self, engine, sites: int, fallback: str | None):
         self.engine = engine
         self.sites = sites
         self.fallback = fallback
@@ -52,6 +60,9 @@ class AttentionHandle:
 
 
 def apply_technique(target, cfg: AttentionConfig) -> AttentionHandle:
+    from .processor import sparse_sites, wrap
+    from .sparse import SparseAttention
+
     backend, reason = resolve_backend(cfg, _device_of(target.adapters[0].module))
     engine = SparseAttention(cfg, backend)
     target.tracker.on_call_start(lambda state: engine.reset_stats())

@@ -9,11 +9,7 @@ reused per cached part and per CFG branch, and the hit rate.
 from __future__ import annotations
 
 from ..config_base import ConfigError
-from .block import apply_block_cache
 from .config import DIFFUSERS_METHODS, METHODS, PRESETS, CacheConfig
-from .deepcache import apply_deepcache
-from .diffusers_backend import apply_diffusers_cache
-from .state import Streams
 
 __all__ = ["CacheConfig", "CacheHandle", "METHODS", "PRESETS", "apply_technique", "resolve_method"]
 
@@ -35,7 +31,7 @@ def resolve_method(cfg: CacheConfig, kind: str) -> str:
 class CacheHandle:
     """What `apply_technique` returns: the installed caches and their shared per-call state."""
 
-    def __init__(self, method: str, caches: list, streams: Streams):
+    def __init__(self, method: str, caches: list, streams):
         self.method, self.caches, self.streams = method, caches, streams
 
     def stats(self) -> dict:
@@ -49,6 +45,12 @@ class CacheHandle:
 
 
 def apply_technique(target, cfg: CacheConfig) -> CacheHandle:
+    # the methods import torch and diffusers: only when a cache is applied, not with the package
+    from .block import apply_block_cache
+    from .deepcache import apply_deepcache
+    from .diffusers_backend import apply_diffusers_cache
+    from .state import Streams
+
     streams = Streams()
     target.tracker.on_call_start(streams.reset)
     caches, methods = [], set()

@@ -7,9 +7,14 @@
 `spawn(fn, n)` starts a worker group without a launcher; `init()` joins one under torchrun.
 """
 
-from .api import check, is_parallelized, parallel_stats, parallelize, unparallelize
-from .config import ParallelConfig
-from .runtime import ParallelError, barrier, init, is_main, rank, shared_seed, spawn, world_size
+from .._lazy import lazy
+
+__getattr__, __dir__ = lazy(__name__, {
+    **dict.fromkeys(("check", "is_parallelized", "parallel_stats", "parallelize", "unparallelize"), ".api"),
+    "ParallelConfig": ".config",
+    **dict.fromkeys(("ParallelError", "barrier", "init", "is_main", "rank", "shared_seed", "spawn", "world_size"),
+                    ".runtime"),
+})
 
 __all__ = ["parallelize", "unparallelize", "is_parallelized", "parallel_stats", "check", "ParallelConfig",
            "ParallelError", "init", "spawn", "rank", "world_size", "is_main", "shared_seed", "barrier"]

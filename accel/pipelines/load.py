@@ -13,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-import torch
+# torch is imported where it is used: `accel --help` reads this module's defaults without it
 
 # The trained reference model (64 px, shipped in the package): a real picture of what the prompt
 # asks for in the data's vocabulary ("a big red circle in the center on a white background").
@@ -36,25 +36,32 @@ def builtin_models() -> dict[str, str]:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str) -> torch.dtype:
+def default_dtype(device: str):
+    import torch
+
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+def parse_dtype(name, device: str):
+    """A torch dtype from a name (``bf16``, ``float32``, ... or ``auto``: bf16 on CUDA, fp32 elsewhere) or a dtype."""
+    import torch
+
     if name is None or name == "auto":
         return default_dtype(device)
     if isinstance(name, torch.dtype):
         return name
     if name not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)} or auto")
-    return _DTYPES[name]
+    return getattr(torch, _DTYPES[name])
 
 
 def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):

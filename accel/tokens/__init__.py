@@ -4,6 +4,8 @@
 index tensors; blockio.py reduces a block's inputs (rotary tables, masks) with its tokens.
 """
 
-from .technique import TokenHandle, apply_technique
+from .._lazy import lazy
+
+__getattr__, __dir__ = lazy(__name__, dict.fromkeys(("TokenHandle", "apply_technique"), ".technique"))
 
 __all__ = ["apply_technique", "TokenHandle"]
