@@ -23,8 +23,10 @@ def _run(*args, cwd=None):
 def test_models_lists_families_and_builtins(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    for word in ("sd15", "flux", "wan", "tiny-sd15", "tiny-wan", "Presets: off"):
+    for word in ("sd15", "flux", "wan", "tiny-sd15", "tiny-wan", "Presets: off", "ref-video", "(default for video)"):
         assert word in out
+    for name in accel.available_presets():  # each preset described on its own line
+        assert any(line.split()[:1] == [name] and len(line.split()) > 3 for line in out.splitlines()), name
 
 
 def test_generate_image_writes_png_and_sidecar(tmp_path, capsys):

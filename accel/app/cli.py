@@ -113,7 +113,7 @@ SUBCOMMAND_MODULES = ("accel.app.batch", "accel.app.run", "accel.app.gradio_app"
 def cmd_models(args) -> int:
     from .. import available_presets
     from ..families import FAMILIES
-    from ..pipelines.load import DEFAULT_MODEL, builtin_models
+    from ..pipelines.load import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL, builtin_models
 
     print("Supported families:")
     for f in FAMILIES.values():
@@ -121,10 +121,24 @@ def cmd_models(args) -> int:
         print(f"  {f.name:<13} {f.label} [{kind}; {', '.join(f.classes)}]")
     print("Built-in models (offline):")
     for name, what in builtin_models().items():
-        mark = "  (default)" if name == DEFAULT_MODEL else ""
+        mark = {DEFAULT_MODEL: "  (default)", DEFAULT_VIDEO_MODEL: "  (default for video)"}.get(name, "")
         print(f"  {name:<19} {what}{mark}")
     print(f"Presets: {', '.join(available_presets())}")
+    for name in available_presets():
+        print(f"  {name:<9} {PRESET_NOTES.get(name, '')}".rstrip())
+    print("  Each preset's settings per family: accel.preset(NAME, FAMILY); the rules and tables: BENCHMARKS.md")
     return 0
+
+
+# What each preset promises: the fidelity floors its settings were picked by (PSNR against the unaccelerated
+# output of the same seed; BENCHMARKS.md has each technique's table and rule)
+PRESET_NOTES = {
+    "off": "no acceleration: the pipeline as it is",
+    "safe": "the most faithful settings that still gain: step cache >= 40 dB, light token reduction "
+            "(sparse attention instead for video DiTs)",
+    "balanced": "the fastest settings at >= 32 dB (step cache) and >= 35 dB (token reduction)",
+    "fast": "the fastest settings at >= 26 dB (step cache) and >= 30 dB (token reduction)",
+}
 
 
 def _config_from_args(args, family: str):

@@ -192,15 +192,23 @@ def folder_lock(folder: Path, rank: int):
     import fcntl
 
     path = Path(folder) / f".accel-batch.rank{rank}.lock"
-    f = open(path, "a")
-    try:
+    while True:
+        f = open(path, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.close()
             raise RuntimeError(f"another accel batch is writing to {str(folder)!r} (rank {rank}); wait for it to "
                                "finish or give another --out") from None
+        # the holder before us removes the file as it lets go: a lock on a removed file guards nothing, so retry
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding the lock: a finished batch leaves no lock file behind
         f.close()
 
 

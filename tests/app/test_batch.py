@@ -81,6 +81,7 @@ def test_outputs_sidecars_and_manifest_agree(reference):
     assert json.loads((ref / "robot-1.png.json").read_text())["id"] == "robot-1"
     assert json.loads((ref / "00003_a-castle-at-night_s3.png.json").read_text())["negative_prompt"] == "blurry"
     assert not [p for p in ref.iterdir() if ".tmp" in p.name]
+    assert not list(ref.glob(".accel-batch.*.lock"))  # the writer's lock goes with it
 
 
 def test_second_run_does_nothing_and_a_deleted_output_alone_is_redone(reference, tmp_path, capsys):
