@@ -159,3 +159,24 @@ def test_help_answers_without_importing_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:2] == ["[]", "False"], r.stdout
+
+
+def test_compare_times_both_sides_and_claims_a_speed_up_only_when_something_engaged(tmp_path, capsys):
+    for preset, engages in (("balanced", True), ("off", False)):
+        out = tmp_path / f"{preset}.png"
+        assert main(["generate", "--model", "tiny-sd15", "--prompt", "a red circle", "--steps", "6", "--preset", preset,
+                     "--compare", "--repeats", "2", "--out", str(out)]) == 0
+        text = capsys.readouterr().out
+        side = json.loads((tmp_path / f"{preset}.png.json").read_text())
+        base = json.loads((tmp_path / f"{preset}-baseline.png.json").read_text())
+        cmp = side["compare"]
+        assert base["compare"] == cmp and base["preset"] == "off" and side["preset"] == preset
+        assert cmp["repeats"] == 2 and cmp["baseline_s"] > 0 and cmp["accelerated_s"] > 0
+        assert cmp["baseline_range"][0] <= cmp["baseline_s"] <= cmp["baseline_range"][1]
+        assert bool(cmp["engaged"]) == engages
+        if engages:  # the cache reused steps: lossy, above its floor on this tiny model
+            assert "faster" in text and "engaged      step cache reused" in text
+            assert cmp["psnr"] is not None and cmp["psnr"] > 25 and side["stats"]["cache"]["reused"] > 0
+        else:  # identical outputs: no speed-up is claimed
+            assert "nothing engaged" in text and "faster" not in text and cmp["psnr"] is None
+            assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "off-baseline.png")))

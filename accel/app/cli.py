@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=_positive_int, default=8, help="video models: frames per second of the MP4")
     g.add_argument("--guidance", type=_float, default=None, help="guidance scale")
     g.add_argument("--seed", type=_int, default=0)
+    g.add_argument("--compare", action="store_true",
+                   help="also run the pipeline without acceleration (same seed), side by side: the speed-up over "
+                        "--repeats alternating runs after a warm-up, PSNR/SSIM, and what engaged; writes both outputs")
+    g.add_argument("--repeats", type=_positive_int, default=2, help="--compare: timed runs of each side")
     g.add_argument("--out", default=None, help="output file (.png/.webp for images, .mp4/.gif for video); "
                                                 "default outputs/<prompt>_s<seed>.<ext>")
     g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
@@ -227,9 +231,16 @@ def _generate(args, pcfg) -> int:
     if speaks:
         outputs.check_writable(out)
 
-    kw = call_kwargs(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                     height=args.height, width=args.width, frames=args.frames, guidance=args.guidance,
-                     seed=seed, defaults=generation.generation_defaults(args.model))
+    def make_kw():  # a fresh generator per call: every run starts from the same noise
+        return call_kwargs(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                           height=args.height, width=args.width, frames=args.frames, guidance=args.guidance,
+                           seed=seed, defaults=generation.generation_defaults(args.model))
+
+    kw = make_kw()
+    if args.compare:
+        if pcfg is not None:
+            raise UsageError("--compare runs on one process: leave out --gpus and --parallel")
+        return _compare(args, pipe, cfg, family, make_kw, out, load_s)
     t1 = time.perf_counter()
     try:
         result = pipe(**kw)
@@ -254,6 +265,64 @@ def _generate(args, pcfg) -> int:
     print(f"wrote {out} ({'video' if video else 'image'} {frames.shape[-2]}x{frames.shape[-3]}"
           f"{f', {frames.shape[0]} frames' if video else ''}) in {generate_s:.2f}s; "
           f"sidecar {outputs.sidecar_path(out)}")
+    return 0
+
+
+def _compare(args, pipe, cfg, family, make_kw, out: Path, load_s: float) -> int:
+    """`generate --compare`: the baseline (accel removed) and the accelerated pipeline, same seed, timed side by side
+    (eval/compare.py), both outputs written; a speed-up is claimed only when some technique engaged."""
+    import accel
+
+    from ..config import Config
+    from ..eval.compare import engaged, timed_pair
+    from ..eval.metrics import compare as fidelity
+    from ..pipelines.call import to_frames
+    from . import generation, outputs
+
+    stats: dict = {}
+    pipe.set_progress_bar_config(disable=True)  # six runs: one report at the end instead of six bars
+
+    def run():
+        try:
+            return to_frames(pipe(**make_kw()))
+        except (ValueError, TypeError) as e:  # pipelines check sizes and arguments with these
+            raise UsageError(str(e).strip().splitlines()[0]) from e
+
+    def accelerated():
+        frames = run()
+        stats.update(accel.stats(pipe))
+        return frames
+
+    pair = timed_pair(run, accelerated, args.repeats,
+                      prepare={"baseline": lambda: accel.remove(pipe), "accelerated": lambda: accel.apply(pipe, cfg)})
+    base, frames = pair.pop("baseline_out"), pair.pop("accelerated_out")
+    did = engaged(stats)
+    metrics = {**fidelity(base, frames), **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in pair.items()},
+               "engaged": did}
+    base_out = out.with_name(f"{out.stem}-baseline{out.suffix}")
+    kw = make_kw()
+    for path, data, preset, config, st, seconds in (
+            (out, frames, args.preset or "off", cfg, stats, pair["accelerated_s"]),
+            (base_out, base, "off", Config(), {"applied": False}, pair["baseline_s"])):
+        outputs.save_output(data, path, fps=args.fps)
+        side = generation.sidecar(pipe, output=path.name, model=args.model, family=family, prompt=args.prompt,
+                                  negative_prompt=args.negative_prompt, seed=args.seed, kw=kw, preset=preset,
+                                  config=config, timings={"load_s": load_s, "generate_s": seconds}, stats=st)
+        outputs.write_json(outputs.sidecar_path(path), {**side, "compare": metrics})
+    runs = f"over {args.repeats} run{'s' if args.repeats > 1 else ''}"
+    (b0, b1), (a0, a1) = pair["baseline_range"], pair["accelerated_range"]
+    print(f"baseline     {pair['baseline_s']:.3f} s ({b0:.3f}-{b1:.3f} {runs})")
+    if did:
+        print(f"accelerated  {pair['accelerated_s']:.3f} s ({a0:.3f}-{a1:.3f} {runs}): "
+              f"{pair['speedup']:.2f}x faster (preset {args.preset or 'off'})")
+        psnr = "identical" if metrics["psnr"] is None else f"PSNR {metrics['psnr']:.1f} dB"
+        print(f"fidelity     {psnr}, SSIM {metrics['ssim']:.4f} against the baseline of the same seed")
+        for line in did:
+            print(f"engaged      {line}")
+    else:
+        print(f"accelerated  {pair['accelerated_s']:.3f} s ({a0:.3f}-{a1:.3f} {runs}): nothing engaged at this size "
+              f"with preset {args.preset or 'off'}, so the outputs are identical and any time difference is noise")
+    print(f"wrote {out} and {base_out}, with sidecars")
     return 0
 
 
