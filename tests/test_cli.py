@@ -37,7 +37,8 @@ def test_generate_image_writes_png_and_sidecar(tmp_path, capsys):
     assert img.shape == (32, 32, 3) or img.ndim == 3
     side = json.loads((tmp_path / "img.png.json").read_text())
     assert side["model"] == "tiny-sd15" and side["seed"] == 3 and side["prompt"] == "a red circle"
-    assert side["config"]["cache"]["method"] == "none" and side["preset"] == "off"
+    # accelerated by default: the balanced preset for the family, recorded with its config
+    assert side["preset"] == "balanced" and side["config"] == accel.preset("balanced", "sd15").to_dict()
     assert side["stats"]["applied"] and side["stats"]["steps"] == side["call"]["num_inference_steps"]
     assert side["timings"]["generate_s"] > 0
     assert "wrote" in capsys.readouterr().out
@@ -62,7 +63,7 @@ def test_generate_video_writes_mp4(tmp_path):
     if frames is not None:
         assert frames.ndim == 4
     side = json.loads((tmp_path / "clip.mp4.json").read_text())
-    assert side["preset"] == "off" and side["call"]["num_frames"] >= 1
+    assert side["preset"] == "balanced" and side["call"]["num_frames"] >= 1
 
 
 def test_generate_layers_preset_config_file_and_set_and_takes_a_sidecar_back(tmp_path):

@@ -39,7 +39,8 @@ from .prompts import PromptFileError, Row, read_rows, stem
 SETTINGS = {
     "model": (str, None, "hub id, local folder or built-in name (default: the default built-in model)"),
     "out": (str, None, "output folder (required: here or in the config file)"),
-    "preset": (str, "off", "preset for rows that name none (see `accel models`); default off"),
+    "preset": (str, "balanced", "preset for rows that name none (see `accel models`); default balanced, off turns "
+                                "acceleration off"),
     "seed": (_int, 0, "seed of row i when the row gives none: SEED + i"),
     "steps": (_positive_int, None, "denoising steps for rows that give none"),
     "height": (_positive_int, None, None),

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_VIDEO_MODEL} when --frames or a video --out asks for video)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--preset", default=None, help="preset name (see `accel models`); default off")
+    g.add_argument("--preset", default=None, help="preset name (see `accel models`); default balanced; off turns "
+                                                  "acceleration off")
     g.add_argument("--config", default=None,
                    help="config file (.json, .yaml, .toml) or an output's sidecar .json: its cache/tokens/attention "
                         "sections apply on top of the preset")
@@ -145,6 +146,12 @@ PRESET_NOTES = {
 }
 
 
+def _preset(args) -> str:
+    from .generation import DEFAULT_PRESET
+
+    return args.preset or DEFAULT_PRESET
+
+
 def _config_from_args(args, family: str):
     """The preset for ``family``, then the ``--config`` file's sections, then ``--set`` (as `accel batch` does)."""
     from .batch import _deep_set, _parse_sets, _read_config_file, config_for
@@ -152,7 +159,7 @@ def _config_from_args(args, family: str):
     sections = _read_config_file(args.config)[1] if args.config else {}
     for k, v in _parse_sets(args.sets).items():
         _deep_set(sections, k, v)
-    return config_for(args.preset or "off", sections, family)
+    return config_for(_preset(args), sections, family)
 
 
 def cmd_generate(args) -> int:
@@ -257,7 +264,7 @@ def _generate(args, pcfg) -> int:
     sidecar = generation.sidecar(
         pipe, output=out.name, model=args.model, family=family, prompt=args.prompt,
         negative_prompt=args.negative_prompt, seed=args.seed, kw=kw,
-        preset=args.preset or "off", config=cfg,
+        preset=_preset(args), config=cfg,
         timings={"load_s": load_s, "generate_s": generate_s, "save_s": save_s})
     if pcfg is not None:
         sidecar["parallel"] = accel.parallel.parallel_stats(pipe)
@@ -302,7 +309,7 @@ def _compare(args, pipe, cfg, family, make_kw, out: Path, load_s: float) -> int:
     base_out = out.with_name(f"{out.stem}-baseline{out.suffix}")
     kw = make_kw()
     for path, data, preset, config, st, seconds in (
-            (out, frames, args.preset or "off", cfg, stats, pair["accelerated_s"]),
+            (out, frames, _preset(args), cfg, stats, pair["accelerated_s"]),
             (base_out, base, "off", Config(), {"applied": False}, pair["baseline_s"])):
         outputs.save_output(data, path, fps=args.fps)
         side = generation.sidecar(pipe, output=path.name, model=args.model, family=family, prompt=args.prompt,
@@ -314,14 +321,14 @@ def _compare(args, pipe, cfg, family, make_kw, out: Path, load_s: float) -> int:
     print(f"baseline     {pair['baseline_s']:.3f} s ({b0:.3f}-{b1:.3f} {runs})")
     if did:
         print(f"accelerated  {pair['accelerated_s']:.3f} s ({a0:.3f}-{a1:.3f} {runs}): "
-              f"{pair['speedup']:.2f}x faster (preset {args.preset or 'off'})")
+              f"{pair['speedup']:.2f}x faster (preset {_preset(args)})")
         psnr = "identical" if metrics["psnr"] is None else f"PSNR {metrics['psnr']:.1f} dB"
         print(f"fidelity     {psnr}, SSIM {metrics['ssim']:.4f} against the baseline of the same seed")
         for line in did:
             print(f"engaged      {line}")
     else:
         print(f"accelerated  {pair['accelerated_s']:.3f} s ({a0:.3f}-{a1:.3f} {runs}): nothing engaged at this size "
-              f"with preset {args.preset or 'off'}, so the outputs are identical and any time difference is noise")
+              f"with preset {_preset(args)}, so the outputs are identical and any time difference is noise")
     print(f"wrote {out} and {base_out}, with sidecars")
     return 0
 

@@ -27,6 +27,11 @@ def versions() -> dict:
     return {"accel": accel.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
 
 
+# The preset `accel generate`, `accel batch` and `accel app` use when none is given: an acceleration tool
+# accelerates by default (`--preset off` turns it off). `accel run` makes the same choice (zero_code.py).
+DEFAULT_PRESET = "balanced"
+
+
 def sidecar(pipe, *, output: str, model: str, family: str, prompt: str, negative_prompt, seed: int, kw: dict,
             preset, config, timings: dict, stats: dict | None = None) -> dict:
     """The JSON written next to every output: what made it (model, prompt, seed, call, config) and how fast.

@@ -16,6 +16,7 @@ end of the current step, and the worker is free for the next request.
 # at run time, and gradio is imported inside build_app.
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -56,9 +57,14 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
     engine = Engine(pipe_or_loader, model_name, limits=limits, out_dir=out_dir, workers=workers, group=group,
                     allow_model_paths=allow_model_paths)
     lim = engine.limits
-    knob_list = knobs(hide=("parallel",))  # multi-process parallelism is `accel generate`'s, not the page's
     d = engine.defaults()
     family, video = engine.primary.family, engine.primary.video
+    from .generation import DEFAULT_PRESET
+
+    # the page opens on the default preset for this family: its knobs start at the preset's values
+    start = accel.preset(DEFAULT_PRESET, family)
+    knob_list = [dataclasses.replace(k, default=getattr(getattr(start, k.section), k.name))
+                 for k in knobs(hide=("parallel",))]  # multi-process parallelism is `accel generate`'s, not the page's
     concurrency = len(engine.workers)
 
     with gr.Blocks(title=f"accel: {model_name}", analytics_enabled=False) as demo:
@@ -90,7 +96,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
                     fps = gr.Number(8, label="FPS of the MP4", precision=0, elem_id="fps")
                 batch = gr.Number(1, label="Outputs per run", precision=0,
                                   info=f"at most {lim.max_batch}", elem_id="batch")
-                preset = gr.Dropdown(list(accel.available_presets()), value="off", label="Preset",
+                preset = gr.Dropdown(list(accel.available_presets()), value=DEFAULT_PRESET, label="Preset",
                                      info=f"fills the knobs below with the preset for {family}", elem_id="preset")
                 knob_widgets = []
                 for section, cls in sections():
@@ -159,9 +165,9 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
     demo.accel_defaults = {"model": model_name, "prompt": "", "negative_prompt": d["negative_prompt"],
                            "width": d["width"], "height": d["height"], "steps": d["steps"],
                            "guidance": d["guidance"], "seed": 0, "randomize_seed": False, "frames": d["frames"],
-                           "fps": 8, "batch": 1, "preset": "off",
+                           "fps": 8, "batch": 1, "preset": DEFAULT_PRESET,
                            **{f"{k.section}.{k.name}": v for k, v in
-                              zip(knob_list, values_from_config(knob_list, accel.Config()), strict=True)}}
+                              zip(knob_list, values_from_config(knob_list, start), strict=True)}}
     return demo
 
 

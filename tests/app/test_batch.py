@@ -76,7 +76,7 @@ def test_outputs_sidecars_and_manifest_agree(reference):
         row = ROWS[r["index"]]
         assert side["prompt"] == row["prompt"] and side["line"] == r["line"] == r["index"] + 1
         assert side["seed"] == row.get("seed", r["index"]) and side["call"]["num_inference_steps"] == 2
-        assert side["request"] == r["request"] and side["stats"]["applied"] and side["preset"] == "off"
+        assert side["request"] == r["request"] and side["stats"]["applied"] and side["preset"] == "balanced"
         assert side["model"] == "tiny-sd15" and side["timings"]["generate_s"] > 0
     assert json.loads((ref / "robot-1.png.json").read_text())["id"] == "robot-1"
     assert json.loads((ref / "00003_a-castle-at-night_s3.png.json").read_text())["negative_prompt"] == "blurry"
@@ -212,7 +212,7 @@ def test_config_file_with_command_line_overrides(tmp_path):
                                       "--set", "cache.warmup_steps=2"])
     s = settings_from_args(args)
     assert (s.model, s.out, s.steps, s.image_format, s.preset, s.seed) == ("tiny-sd15", "from-file", 2, "webp",
-                                                                            "off", 0)
+                                                                            "balanced", 0)
     assert s.sections == {"cache": {"method": "none", "warmup_steps": 2}}
     assert config_for(s.preset, s.sections, "sd15").cache.warmup_steps == 2
     cfg.write_text("[batch]\nsteps = -1\n")

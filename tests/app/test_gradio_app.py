@@ -42,6 +42,12 @@ class Server:
         assert not unknown, unknown
         return [values[name] for name in self.demo.accel_inputs]
 
+    def off(self) -> dict:
+        """Knob values of preset off: the page opens on the default preset (balanced), these undo it."""
+        knob_list = web_controls.knobs(hide=("parallel",))
+        values = web_controls.values_from_config(knob_list, accel.Config())
+        return {"preset": "off", **{f"{k.section}.{k.name}": v for k, v in zip(knob_list, values, strict=True)}}
+
     def call(self, api="/generate", **changes):
         keys = ("seed", "baseline", "result", "summary", "metrics", "stats", "files", "history")
         return dict(zip(keys, self.client.predict(*self.args(**changes), api_name=api)[:len(keys)], strict=True))
@@ -91,13 +97,14 @@ def test_generate_image_writes_output_sidecar_and_history(image_app):
     side = _sidecar_of(image_app.engine.out_dir, names[0])
     assert side["prompt"] == "a red cat" and side["seed"] == 5 and side["model"] == "tiny-sd15"
     assert side["mode"] == "generate" and side["call"]["num_inference_steps"] == 2
-    assert accel.Config.from_dict(side["config"]) == accel.Config()  # sidecar config loads as a Config
+    # the page opens on the default preset, balanced, and the sidecar's config loads as that Config
+    assert accel.Config.from_dict(side["config"]) == accel.preset("balanced", "sd15")
     assert (image_app.engine.out_dir / names[0]).is_file()
     assert r["history"] and "s5" in r["history"][0]["caption"]
 
 
 def test_compare_image_returns_both_outputs_and_metrics(image_app):
-    r = image_app.call("/compare", prompt="a blue dog", steps=2, seed=3)
+    r = image_app.call("/compare", prompt="a blue dog", steps=2, seed=3, **image_app.off())
     (base,), (acc,) = r["baseline"], r["result"]
     m = r["metrics"]
     assert m["baseline_s"] > 0 and m["accelerated_s"] > 0 and m["speedup"] > 0
