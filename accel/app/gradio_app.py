@@ -211,8 +211,12 @@ def _handler(mode: str, engine: Engine, knob_list, family: str):
         items = [(str(p), f"baseline s{req.seed}") for p in res.baseline] + \
                 [(str(p), f"{mode} s{req.seed}") for p in res.outputs]
         m = res.metrics
-        entry_caption = (f"{m['speedup']}x, PSNR {'∞' if m['psnr'] is None else m['psnr']}" if m
-                         else f"{res.seconds['accelerated']:.2f}s") + f" · s{req.seed}"
+        if m:
+            entry_caption = (f"{m['speedup']}x, PSNR {'∞' if m['psnr'] is None else m['psnr']}" if m.get("engaged")
+                             else "nothing engaged")
+        else:
+            entry_caption = f"{res.seconds['accelerated']:.2f}s"
+        entry_caption += f" · s{req.seed}"
         record = {**res.record, "preset": preset_used}
         history = ([{"path": str(res.outputs[0]), "caption": entry_caption, "record": record}] + history)[:HISTORY_SIZE]
         return (req.seed, items[:len(res.baseline)] or None, items[len(res.baseline):],
@@ -247,11 +251,16 @@ def _summary(res, preset) -> str:
     setting = f"preset `{preset}`" if preset else "custom config"
     if not res.metrics:
         line = f"**{acc:.2f} s** ({steps} step{'' if steps == 1 else 's'}, {setting}, seed {res.seed})"
+    elif not res.metrics.get("engaged"):  # identical outputs: a time difference is noise, not a speed-up
+        m = res.metrics
+        line = (f"nothing engaged at this size ({setting}): the outputs are identical and any time difference is "
+                f"noise · baseline {m['baseline_s']:.2f} s · accelerated {m['accelerated_s']:.2f} s (seed {res.seed})")
     else:
         m = res.metrics
         psnr = "identical (PSNR ∞)" if m["psnr"] is None else f"PSNR {m['psnr']:.2f} dB"
         line = (f"baseline **{m['baseline_s']:.2f} s** · accelerated **{m['accelerated_s']:.2f} s** · "
-                f"speedup **{m['speedup']:.2f}x** · {psnr} · SSIM {m['ssim']:.4f} ({setting}, seed {res.seed})")
+                f"speedup **{m['speedup']:.2f}x** (medians of {m['repeats']} runs each after a warm-up) · {psnr} · "
+                f"SSIM {m['ssim']:.4f} ({setting}, seed {res.seed})")
     return "  \n".join([line, *_technique_lines(res.stats)])
 
 

@@ -191,24 +191,38 @@ class Engine:
         self._use_model(worker, req.model or self.model_name)
         pipe = worker.pipe
         result = Result(mode=mode, seed=req.seed, outputs=[])
-        if mode == "compare":
+
+        def remove():
             self._mirror("remove")
             accel.remove(pipe)  # the baseline is the pipeline exactly as loaded
-            base, result.seconds["baseline"], _ = self._call(worker, req, "baseline", on_step, cancel)
-        self._mirror("apply", config.to_dict())
-        try:
-            accel.apply(pipe, config)
-        except ValueError as e:  # ConfigError, UnsupportedModelError: the user picks another setting
-            raise InputError(_first_line(e)) from None
-        frames, result.seconds["accelerated"], kw = self._call(worker, req, "accelerated", on_step, cancel)
-        result.stats = accel.stats(pipe)
-        if mode == "compare":
+
+        def apply():
+            self._mirror("apply", config.to_dict())
+            try:
+                accel.apply(pipe, config)
+            except ValueError as e:  # ConfigError, UnsupportedModelError: the user picks another setting
+                raise InputError(_first_line(e)) from None
+
+        def accelerated():
+            out = self._call(worker, req, "accelerated", on_step, cancel)
+            result.stats = accel.stats(pipe)
+            return out
+
+        base = None
+        if mode == "compare":  # timed side by side, as `accel generate --compare` (eval/compare.py)
+            from ..eval.compare import engaged, timed_pair
+
+            pair = timed_pair(lambda: self._call(worker, req, "baseline", on_step, cancel), accelerated,
+                              COMPARE_REPEATS, prepare={"baseline": remove, "accelerated": apply})
+            (base, _, _), (frames, _, kw) = pair.pop("baseline_out"), pair.pop("accelerated_out")
+            result.seconds = {"baseline": pair["baseline_s"], "accelerated": pair["accelerated_s"]}
             result.metrics = {**compare(np.stack(base), np.stack(frames)),
-                              "baseline_s": round(result.seconds["baseline"], 4),
-                              "accelerated_s": round(result.seconds["accelerated"], 4),
-                              "speedup": round(result.seconds["baseline"] / max(result.seconds["accelerated"], 1e-9),
-                                               3)}
-        self._save(worker, req, config, kw, frames, result, base if mode == "compare" else None)
+                              **{k: round(v, 4) if isinstance(v, float) else v for k, v in pair.items()},
+                              "engaged": engaged(result.stats)}
+        else:
+            apply()
+            frames, result.seconds["accelerated"], kw = accelerated()
+        self._save(worker, req, config, kw, frames, result, base)
         return result
 
     def _mirror(self, *message) -> None:
@@ -293,6 +307,9 @@ class Engine:
                 result.sidecars.append(outputs.sidecar_path(path))
                 if not label and i == 0:
                     result.record = record
+
+
+COMPARE_REPEATS = 2  # timed runs of each side after a warm-up of each: one timed run each is noise
 
 
 def request_kwargs(pipe, model: str, video: bool, req: Request) -> dict:
