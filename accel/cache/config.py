@@ -68,7 +68,7 @@ class CacheConfig(ConfigBase):
 # 26 dB (fast); settings within 10% of the fastest count as equally fast and the higher PSNR wins.
 # UNets: sd15 is decided on the trained ref-sd (SD1.5 layout, 25 steps); sdxl and animatediff on
 # random weights with the floors raised by 5.3 dB, the median PSNR excess of the random SD1.5
-# UNet over ref-sd on the same grid. Re-derived on the 7000-step ref-sd (session 5) with the
+# UNet over ref-sd on the same grid. Re-derived on the 7000-step ref-sd with the
 # candidates measured on 24 held-out prompts x 3 (a one-prompt sweep could not rank them): interval
 # 4 uniform 2.08x 44.1 dB, 4 nonuniform 2.20x 39.0 dB, 5 uniform 2.55x 38.1 dB, 5 nonuniform
 # 2.46x 35.1 dB; so balanced/fast move from 4 nonuniform (the 2500-step model's pick) to 5 uniform.
@@ -79,7 +79,7 @@ class CacheConfig(ConfigBase):
 # overstate fidelity by a median 37 dB against it (a random DiT's features barely move between
 # steps), so their sweeps cannot rank settings; they only confirm that the trained pick runs and
 # pays on each family (block interval 2 + Taylor 1: 1.27-2.04x denoiser on all seven). Re-derived
-# on the 10000-step ref-dit (session 4), Taylor extrapolation no longer pays: interval 2 gives
+# on the 10000-step ref-dit, Taylor extrapolation no longer pays: interval 2 gives
 # 33.5 dB at 1.36x plain and 21.7 dB with Taylor 1 (the 2500-step model: 33.7 dB with Taylor 1).
 # On ref-dit no cached setting that saves time reliably reaches 40 dB (a change threshold of 0.2:
 # 41.6 dB on the sweep's prompt, 22 dB on others), so
@@ -101,7 +101,7 @@ PRESETS: dict = {
     },
     "balanced": {
         "*": _DIT,
-        # ref-video (Wan, trained; session 5), 24 held-out clips: interval 2 gives 29.3 dB (below 32),
+        # ref-video (Wan, trained), 24 held-out clips: interval 2 gives 29.3 dB (below 32),
         # a change threshold of 0.1 gives 36.5 dB at 1.05-1.13x with the checker's scores unchanged.
         "wan": {**_W, "threshold": 0.1},
         "sd15": _dc(5, schedule="uniform"),  # ref-sd: 38.1 dB, 2.55x (24 prompts)
