@@ -30,6 +30,7 @@ same token axis).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -146,12 +147,19 @@ class DualScope(ParallelProcessor):
         """Evenly strided tokens of every other clip (one all-gather)."""
         g, p, r = self.groups.inner_group, self.groups.inner_degree, self.groups.inner_index
         n = kv.shape[3]
-        index = torch.linspace(0, n - 1, min(self.global_tokens, n)).round().long().unique().to(kv.device)
+        index = _strided_index(n, min(self.global_tokens, n), kv.device)
         mine = kv.index_select(3, index).contiguous()
         parts = [torch.empty_like(mine) for _ in range(p)]
         _guard(lambda: dist.all_gather(parts, mine, group=g), "clip global-token all-gather")
         self._count("clip_kv_bytes", mine, p - 1)
         return [x for i, x in enumerate(parts) if i != r]
+
+
+@functools.lru_cache(maxsize=64)
+def _strided_index(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """``k`` evenly strided token indices of ``n``, moved to ``device`` once per shape, not copied there per call
+    (computed on the host: the same indices on every device)."""
+    return torch.linspace(0, n - 1, k).round().long().unique().to(device)
 
 
 def _temporal_patch(config) -> int:
