@@ -106,9 +106,7 @@ class Settings:
 def settings_from_args(args) -> Settings:
     from ..pipelines.load import DEFAULT_MODEL
 
-    file_batch, sections = {}, {}
-    if args.config:
-        file_batch, sections = _read_config_file(args.config)
+    file_batch, sections = read_sections(args.config, args.sets)
     values = {}
     for name, (typ, default, _) in SETTINGS.items():
         v = getattr(args, name)
@@ -118,11 +116,18 @@ def settings_from_args(args) -> Settings:
     values["model"] = values["model"] or DEFAULT_MODEL
     if not values["out"]:
         raise UsageError("--out: give the output folder (or `out` in the config file's [batch] table)")
-    for k, v in _parse_sets(args.sets).items():
-        _deep_set(sections, k, v)
     from .generation import parallel_config
 
     return Settings(values, sections, parallel_config(getattr(args, "parallel", None), args.config))
+
+
+def read_sections(config_file, sets: list[str]) -> tuple[dict, dict]:
+    """(the ``--config`` file's [batch] table, its cache/tokens/attention sections with each ``--set`` on top);
+    `accel generate` reads its config the same way."""
+    file_batch, sections = _read_config_file(config_file) if config_file else ({}, {})
+    for k, v in _parse_sets(sets).items():
+        _deep_set(sections, k, v)
+    return file_batch, sections
 
 
 def _read_config_file(path) -> tuple[dict, dict]:

@@ -154,12 +154,9 @@ def _preset(args) -> str:
 
 def _config_from_args(args, family: str):
     """The preset for ``family``, then the ``--config`` file's sections, then ``--set`` (as `accel batch` does)."""
-    from .batch import _deep_set, _parse_sets, _read_config_file, config_for
+    from .batch import config_for, read_sections
 
-    sections = _read_config_file(args.config)[1] if args.config else {}
-    for k, v in _parse_sets(args.sets).items():
-        _deep_set(sections, k, v)
-    return config_for(_preset(args), sections, family)
+    return config_for(_preset(args), read_sections(args.config, args.sets)[1], family)
 
 
 def cmd_generate(args) -> int:
@@ -281,8 +278,7 @@ def _compare(args, pipe, cfg, family, make_kw, out: Path, load_s: float) -> int:
     import accel
 
     from ..config import Config
-    from ..eval.compare import engaged, timed_pair
-    from ..eval.metrics import compare as fidelity
+    from ..eval.compare import report, timed_pair
     from ..pipelines.call import to_frames
     from . import generation, outputs
 
@@ -302,10 +298,8 @@ def _compare(args, pipe, cfg, family, make_kw, out: Path, load_s: float) -> int:
 
     pair = timed_pair(run, accelerated, args.repeats,
                       prepare={"baseline": lambda: accel.remove(pipe), "accelerated": lambda: accel.apply(pipe, cfg)})
-    base, frames = pair.pop("baseline_out"), pair.pop("accelerated_out")
-    did = engaged(stats)
-    metrics = {**fidelity(base, frames), **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in pair.items()},
-               "engaged": did}
+    base, frames, metrics = report(pair, stats)
+    did = metrics["engaged"]
     base_out = out.with_name(f"{out.stem}-baseline{out.suffix}")
     kw = make_kw()
     for path, data, preset, config, st, seconds in (

@@ -186,8 +186,6 @@ class Engine:
     def _run(self, worker: Worker, req: Request, config, mode, on_step, cancel) -> Result:
         import accel
 
-        from ..eval.metrics import compare
-
         self._use_model(worker, req.model or self.model_name)
         pipe = worker.pipe
         result = Result(mode=mode, seed=req.seed, outputs=[])
@@ -203,26 +201,26 @@ class Engine:
             except ValueError as e:  # ConfigError, UnsupportedModelError: the user picks another setting
                 raise InputError(_first_line(e)) from None
 
+        call_kw = {}
+
         def accelerated():
-            out = self._call(worker, req, "accelerated", on_step, cancel)
+            frames, seconds, call_kw["kw"] = self._call(worker, req, "accelerated", on_step, cancel)
             result.stats = accel.stats(pipe)
-            return out
+            return frames, seconds
 
         base = None
         if mode == "compare":  # timed side by side, as `accel generate --compare` (eval/compare.py)
-            from ..eval.compare import engaged, timed_pair
+            from ..eval.compare import report, timed_pair
 
-            pair = timed_pair(lambda: self._call(worker, req, "baseline", on_step, cancel), accelerated,
-                              COMPARE_REPEATS, prepare={"baseline": remove, "accelerated": apply})
-            (base, _, _), (frames, _, kw) = pair.pop("baseline_out"), pair.pop("accelerated_out")
+            pair = timed_pair(lambda: self._call(worker, req, "baseline", on_step, cancel)[0],
+                              lambda: accelerated()[0], COMPARE_REPEATS,
+                              prepare={"baseline": remove, "accelerated": apply})
+            base, frames, result.metrics = report(pair, result.stats)
             result.seconds = {"baseline": pair["baseline_s"], "accelerated": pair["accelerated_s"]}
-            result.metrics = {**compare(np.stack(base), np.stack(frames)),
-                              **{k: round(v, 4) if isinstance(v, float) else v for k, v in pair.items()},
-                              "engaged": engaged(result.stats)}
         else:
             apply()
-            frames, result.seconds["accelerated"], kw = accelerated()
-        self._save(worker, req, config, kw, frames, result, base)
+            frames, result.seconds["accelerated"] = accelerated()
+        self._save(worker, req, config, call_kw["kw"], frames, result, base)
         return result
 
     def _mirror(self, *message) -> None:

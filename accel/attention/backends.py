@@ -237,14 +237,15 @@ def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "gather"
 
 
-def run_auto(q, k, v, mask: SparseMask, scale: float, flex_compile: bool = True, model_order: bool = False
-             ) -> tuple[torch.Tensor, str]:
+def run_auto(q, k, v, mask: SparseMask, scale: float, flex_compile: bool = True, model_order: bool = False,
+             backend: str | None = None) -> tuple[torch.Tensor, str]:
     """(output, backend that ran) for ``backend="auto"``: a kernel that fails to build here (an old GPU, a
     triton without a compiler for it) is dropped from auto's choices with a warning, and flex runs instead.
-    ``model_order``: q, k, v and the output are in the model's token order (else tiled)."""
+    ``model_order``: q, k, v and the output are in the model's token order (else tiled). ``backend``: auto's
+    choice when the caller has made it already (`auto_backend`)."""
     from .layout import from_blocks, to_blocks
 
-    backend = auto_backend(q.device, q.dtype)
+    backend = backend or auto_backend(q.device, q.dtype)
     if backend == "triton":
         try:
             return (triton_model_order if model_order else _triton)(q, k, v, mask, scale), backend

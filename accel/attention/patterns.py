@@ -32,26 +32,23 @@ class SparseMask:
         self.allowed = allowed
         self.layout = layout
         self._flex = {}
-        self._densities = None
 
     @functools.cached_property
     def kv_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         return block_lists(self.allowed)
 
-    def _density_pair(self) -> tuple[float, float]:
+    @functools.cached_property
+    def _densities(self) -> tuple[float, float]:
         # one host sync per mask, not per call: static masks are cached per shape, so their densities are read
         # once; a topk mask (new every call) pays it once per call, documented in AttentionConfig
-        if self._densities is None:
-            nv = self.layout.n_video_blocks
-            both = torch.stack([self.allowed[..., :nv, :nv].float().mean(), self.allowed.float().mean()])
-            self._densities = tuple(both.tolist())
-        return self._densities
+        nv = self.layout.n_video_blocks
+        return tuple(torch.stack([self.allowed[..., :nv, :nv].float().mean(), self.allowed.float().mean()]).tolist())
 
     def video_density(self) -> float:
-        return self._density_pair()[0]
+        return self._densities[0]
 
     def density(self) -> float:
-        return self._density_pair()[1]
+        return self._densities[1]
 
     def token_mask(self) -> torch.Tensor:
         """Dense [Bm, Hm, Np, Np] bool mask (block mask expanded, pad keys off): for reference backends."""

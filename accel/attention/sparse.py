@@ -100,7 +100,7 @@ class SparseAttention:
             # masks that need no q/k statistics: our kernel reads and writes the model's order directly
             mask = self._mask(site_key, layout, None, None, scale)
             if self.backend == "auto":
-                out, ran = backends.run_auto(q, k, v, mask, scale, cfg.flex_compile, model_order=True)
+                out, ran = backends.run_auto(q, k, v, mask, scale, cfg.flex_compile, model_order=True, backend=kernel)
             else:
                 out, ran = backends.triton_model_order(q, k, v, mask, scale), "triton"
             self._count(mask, ran)
@@ -110,7 +110,7 @@ class SparseAttention:
         if mask.allowed.device != q.device:
             mask.allowed = mask.allowed.to(q.device)
         if self.backend == "auto":
-            ob, ran = backends.run_auto(qb, kb, vb, mask, scale, cfg.flex_compile)
+            ob, ran = backends.run_auto(qb, kb, vb, mask, scale, cfg.flex_compile, backend=kernel)
         else:
             ob, ran = backends.run(self.backend, qb, kb, vb, mask, scale, cfg.flex_compile), self.backend
         if cfg.renorm and cfg.pattern != "dense":

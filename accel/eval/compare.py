@@ -66,3 +66,16 @@ def timed_pair(baseline: Callable[[], object], accelerated: Callable[[], object]
             "baseline_range": [min(times["baseline"]), max(times["baseline"])],
             "accelerated_range": [min(times["accelerated"]), max(times["accelerated"])],
             "baseline_out": outs["baseline"], "accelerated_out": outs["accelerated"]}
+
+
+def report(pair: dict, stats: dict) -> tuple[object, object, dict]:
+    """(baseline output, accelerated output, JSON-safe metrics) of a `timed_pair` run whose accelerated call
+    left ``stats``: PSNR/SSIM of the accelerated output against the baseline, the timings (rounded) and what
+    engaged. Outputs are arrays, or lists of frames (stacked for the metrics)."""
+    import numpy as np
+
+    from .metrics import compare
+
+    base, acc = pair["baseline_out"], pair["accelerated_out"]
+    timings = {k: round(v, 4) if isinstance(v, float) else v for k, v in pair.items() if not k.endswith("_out")}
+    return base, acc, {**compare(np.stack(base), np.stack(acc)), **timings, "engaged": engaged(stats)}

@@ -121,11 +121,11 @@ class Windows:
         return (off[0] == picks[0][wid]) & (off[1] == picks[1][wid]) & (off[2] == picks[2][wid])
 
 
-def _ascending_true(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions of the ``count`` True entries of each row of ``mask`` (..., N), ascending: what
-    ``mask.nonzero()`` gives when the count is known, without its host sync (a stable sort puts the
-    True entries first, in order)."""
-    return torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True).narrow(-1, 0, count)
+def _true_first(mask: torch.Tensor) -> torch.Tensor:
+    """Positions along the last dim of ``mask`` (..., N): the True ones first, then the False ones, each part
+    ascending. With the count of True entries known on the host, the first part is what ``mask.nonzero()`` gives,
+    without its host sync (a stable sort)."""
+    return torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)
 
 
 def _from_groups(rep: torch.Tensor, kept: torch.Tensor, n_out: int, dtype) -> Merge:
@@ -134,7 +134,7 @@ def _from_groups(rep: torch.Tensor, kept: torch.Tensor, n_out: int, dtype) -> Me
     bm, n = rep.shape
     row_of = kept.long().cumsum(1) - 1  # row of each kept position
     slot = row_of.gather(1, rep)
-    keep = _ascending_true(kept, n_out)
+    keep = _true_first(kept).narrow(-1, 0, n_out)
     count = torch.zeros(bm, n_out, device=rep.device, dtype=torch.float32).scatter_add_(
         1, slot, torch.ones(bm, n, device=rep.device))
     return Merge(slot, keep, (1.0 / count).unsqueeze(-1).to(dtype), n, n_out)
@@ -149,9 +149,9 @@ def bipartite(x: torch.Tensor, windows: Windows, r: int, shared: bool,
     """
     b, n, _ = x.shape
     is_dst = windows.destinations(generator)
-    # Exactly one destination per window: the counts are known on the host, so positions come from a
-    # stable sort (destinations first, each part ascending, as nonzero() gives) without its sync.
-    order_dst = torch.argsort((~is_dst).to(torch.uint8), stable=True)
+    # Exactly one destination per window: the counts are known on the host, so both position lists come
+    # from one stable sort, without nonzero()'s sync.
+    order_dst = _true_first(is_dst)
     dst_pos, src_pos = order_dst[:windows.n_windows], order_dst[windows.n_windows:]
     r = max(0, min(r, n - windows.n_windows))
     metric = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)

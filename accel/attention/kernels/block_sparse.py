@@ -116,11 +116,17 @@ _DEFAULTS = {(9, False): (128, 64, 4, 3), (9, True): (64, 64, 4, 2)}
 _FALLBACK = (128, 64, 4, 3)
 
 
+def _fit(setting: tuple[int, int, int, int], mask_block: int) -> dict:
+    """A (BLOCK_M, BLOCK_N, num_warps, num_stages) setting as launch keywords, its tiles no larger than a block."""
+    bm, bn, w, s = setting
+    return dict(BLOCK_M=min(bm, mask_block), BLOCK_N=min(bn, mask_block), num_warps=w, num_stages=s)
+
+
 def configs(mask_block: int = 128) -> list[dict]:
     """Every candidate launch setting that fits ``mask_block`` (as dicts for `block_sparse_attention`)."""
     out = []
-    for bm, bn, w, s in CANDIDATES:
-        c = dict(BLOCK_M=min(bm, mask_block), BLOCK_N=min(bn, mask_block), num_warps=w, num_stages=s)
+    for setting in CANDIDATES:
+        c = _fit(setting, mask_block)
         if c not in out:
             out.append(c)
     return out
@@ -129,8 +135,7 @@ def configs(mask_block: int = 128) -> list[dict]:
 def config_for(device: torch.device, head_dim: int, mask_block: int) -> dict:
     """The measured default launch setting for ``device`` (CPU: the interpreter ignores warps and stages)."""
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-    bm, bn, w, s = _DEFAULTS.get((major, head_dim <= 64), _FALLBACK)
-    return dict(BLOCK_M=min(bm, mask_block), BLOCK_N=min(bn, mask_block), num_warps=w, num_stages=s)
+    return _fit(_DEFAULTS.get((major, head_dim <= 64), _FALLBACK), mask_block)
 
 
 def _prune(configs_, named_args, **kwargs):
