@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
@@ -177,21 +176,11 @@ def time_calls(fn, device, warmup: int, reps: int):
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _attention_fields(**fields) -> dict:
-    """``fields`` minus the ones this version of AttentionConfig lacks (its fields are in flux)."""
-    from accel.attention.config import AttentionConfig
-
-    known = getattr(AttentionConfig, "__dataclass_fields__", None)
-    return {k: v for k, v in fields.items() if known is None or k in known}
-
-
 def _backend_skip_reason(backend: str, device) -> str | None:
+    from accel.attention.backends import unavailable_reason
+
     if backend == "triton" and device.type != "cuda":
         return "the triton kernel needs a CUDA device (the CPU interpreter is far too slow to time)"
-    try:
-        from accel.attention.backends import unavailable_reason
-    except Exception as e:  # the module is being rewritten: let the run itself show what fails
-        return None if backend != "triton" else f"cannot import accel.attention.backends ({_short(e)})"
     return unavailable_reason(backend, device)
 
 
@@ -366,8 +355,8 @@ def part_kernels(name: str, spec: dict, a, device, dtype, report: Report, budget
                                  f"mask error: {_short(e)}"])
                     update()
                     continue
-                cfg = AttentionConfig(**_attention_fields(pattern=pattern, backend=backend, density=d,
-                                                          block_size=a.block, flex_compile=a.flex_compile))
+                cfg = AttentionConfig(pattern=pattern, backend=backend, density=d, block_size=a.block,
+                                      flex_compile=a.flex_compile)
                 eng = SparseAttention(cfg, backend)
                 paths = (("engine", lambda eng=eng: eng.attend(q, k, v, scale, "site", grid, 0, True), False),
                          ("kernel", lambda b=backend, m=mask: backends.run(b, qb, kb, vb, m, scale, **flex_kw), True))
@@ -406,40 +395,18 @@ def part_kernels(name: str, spec: dict, a, device, dtype, report: Report, budget
 
 def part_sweep(name: str, spec: dict, a, device, dtype, report: Report, budget: Budget, reserve: float) -> None:
     key = "triton_sweep"
-    try:
-        from accel.attention.kernels import block_sparse as bs
-    except Exception as e:
-        print(f"triton sweep skipped: cannot import accel.attention.kernels.block_sparse ({_short(e)})")
-        return
-    configs_fn = getattr(bs, "configs", None)
-    kernel = getattr(bs, "block_sparse_attention", None)
-    why = None
-    if not callable(configs_fn):
-        why = "accel.attention.kernels.block_sparse has no configs()"
-    elif kernel is None:
-        why = "accel.attention.kernels.block_sparse has no block_sparse_attention"
-    else:
-        try:
-            params = inspect.signature(kernel).parameters
-            if "config" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-                why = "block_sparse_attention takes no config= argument"
-        except (TypeError, ValueError):
-            pass
-    if why is None:
-        why = _backend_skip_reason("triton", device)
+    why = _backend_skip_reason("triton", device)
     if why:
         print(f"triton sweep skipped: {why}", flush=True)
         report.table(key, "Triton kernel launch configs", ["skipped"], [[why]])
         return
 
     from accel.attention import backends
+    from accel.attention.kernels import block_sparse as bs
     from accel.attention.layout import build_layout, from_blocks, to_blocks
     from accel.attention.patterns import static_mask
 
-    try:
-        configs = list(configs_fn(a.block))
-    except TypeError:
-        configs = list(configs_fn())
+    configs = bs.configs(a.block)
     if a.sweep_configs and a.sweep_configs != "all":  # indices into configs(), to re-measure the leaders only
         configs = [configs[int(i)] for i in a.sweep_configs.split(",")]
     grid, H, D = spec["grid"], spec["heads"], spec["dim"]
@@ -542,9 +509,9 @@ def _parse_rows(text: str, block: int, flex_compile: bool):
             out.append((f"{parts[1]}'s {parts[2]} only", {parts[2]: section}, None))
         elif len(parts) == 3:
             b, p, d = parts[0], parts[1], float(parts[2])
-            fields = _attention_fields(pattern=p, density=d, backend=b, block_size=block)
+            fields = dict(pattern=p, density=d, backend=b, block_size=block)
             if not flex_compile and b == "flex":
-                fields.update(_attention_fields(flex_compile=False))
+                fields["flex_compile"] = False
             out.append((f"{b} {p} d={d}", {"attention": fields}, b))
         else:
             raise SystemExit(f"--e2e-rows: cannot read {item!r}; use off, preset:NAME, part:PRESET:SECTION, "
@@ -765,7 +732,7 @@ def part_fwd14b(a, device, report: Report, budget: Budget) -> None:
     text = torch.randn(1, n_text, dims["text_dim"], generator=g, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)
     backend = "triton" if device.type == "cuda" else "gather"
-    rows_spec = [("dense", None)] + [(f"{backend} {p} d={d}", {"attention": _attention_fields(
+    rows_spec = [("dense", None)] + [(f"{backend} {p} d={d}", {"attention": dict(
         pattern=p, density=d, backend=backend, block_size=a.e2e_block)}) for p, d in (("radial", 0.25), ("tile", 0.1))]
     key = "fwd_wan14b"
     title = (f"Wan2.1-14B-shape transformer, {layers} of 40 layers, one forward at 720p x 81 frames "
