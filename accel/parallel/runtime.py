@@ -98,11 +98,27 @@ def _guard(fn: Callable, what: str):
     except ParallelError:
         raise
     except (RuntimeError, dist.DistBackendError) as e:  # gloo/nccl report peers' deaths as these
+        _abandon_group()
         raise ParallelError(
-            f"rank {rank()}: {what} failed: another rank stopped responding or crashed ({str(e).splitlines()[0][:160]}). "
+            f"rank {rank()}: {what} failed: another rank stopped responding or crashed "
+            f"({str(e).splitlines()[0][:160]}). "
             "See that rank's error above; the whole group stops.") from e
     finally:
         COMM_SECONDS["total"] += time.perf_counter() - t0
+
+
+def _abandon_group() -> None:
+    """Tear down a group whose peer is gone, so this process can exit cleanly.
+
+    Left alive, the backend's threads are destroyed at interpreter exit while still joinable, and
+    the process aborts (SIGABRT) after our error was printed. The group cannot be used again anyway.
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort on a broken group; the ParallelError follows
+        pass
 
 
 def barrier() -> None:
