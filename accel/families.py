@@ -13,9 +13,10 @@ import functools
 import inspect
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `accel models` lists the families without it
+    import torch
 
 
 class UnsupportedModelError(TypeError):
@@ -159,6 +160,8 @@ def family_of(module: torch.nn.Module) -> Family:
 
 def denoisers_of(target) -> list[tuple[str, torch.nn.Module]]:
     """(component name, module) for every denoiser in a pipeline, or [("", module)] for a bare denoiser."""
+    import torch
+
     if isinstance(target, torch.nn.Module):
         family_of(target)  # raises with the supported list
         return [("", target)]
@@ -256,11 +259,11 @@ class Adapter:
 
     def text_len(self, inputs: dict) -> int:
         ehs = inputs.get("encoder_hidden_states")
-        return int(ehs.shape[1]) if isinstance(ehs, torch.Tensor) and ehs.ndim == 3 else 0
+        return int(ehs.shape[1]) if getattr(ehs, "ndim", 0) == 3 else 0
 
     def batch_size(self, inputs: dict) -> int:
         x = inputs.get("sample", inputs.get("hidden_states"))
-        return int(x.shape[0]) if isinstance(x, torch.Tensor) else 0
+        return int(x.shape[0]) if getattr(x, "ndim", 0) >= 1 else 0
 
     def grid_for_tokens(self, grid: tuple[int, int, int], n_tokens: int) -> tuple[int, int, int]:
         """The grid of a UNet level holding ``n_tokens`` per frame (each level halves H and W).

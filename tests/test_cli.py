@@ -120,8 +120,10 @@ def _has_pyav():
     (["--out", "/dev/null/x/y.png"], "cannot create output folder"),
     (["--out", "picture.bmp"], "use a .png"),
     (["--model", "tiny-sd15", "--frames", "9"], "makes images, not video"),
-    (["--guidance", "nan"], "'nan' is not a finite number"),
-    (["--guidance", "inf"], "'inf' is not a finite number"),
+    (["--guidance", "nan"], "nan is not a finite number"),
+    (["--guidance", "inf"], "inf is not a finite number"),
+    (["--guidance", "-1"], "--guidance: -1.0 is negative"),  # as a batch row's guidance is refused
+    (["--seed", "-1"], "--seed: -1 is out of range; it must be >= 0"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(args, fragment, tmp_path, monkeypatch, capsys):
     # In process (`main` is what the `accel` script runs); the subprocess test below checks the script.
@@ -146,20 +148,30 @@ def _assert_one_error_line(rc, stderr, fragment):
     assert "Traceback" not in stderr
 
 
-def test_help_answers_without_importing_torch():
-    """`accel --help` and `import accel` load neither torch nor diffusers (they took 4-12 s before a word was
-    printed); the names `import accel` offers load their modules on first use."""
+def test_help_models_and_dry_run_answer_without_importing_torch(tmp_path):
+    """`accel --help`, `accel models`, `accel batch --dry-run` and `import accel` load neither torch nor diffusers
+    (they took 4-13 s before a word was printed); the names `import accel` offers load their modules on first use."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a blue square", "steps": 3}\n')
     code = ("import sys, contextlib, io\n"
             "import accel\n"
             "from accel.app.cli import main\n"
             "for argv in (['--help'], ['generate', '--help'], ['batch', '--help']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
             "        main(argv)\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            "    assert main(['models']) == 0\n"
+            f"    assert main(['batch', {str(prompts)!r}, '--out', {str(tmp_path / 'o')!r}, '--dry-run',\n"
+            "                 '--preset', 'fast', '--set', 'cache.interval=3']) == 0\n"
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
-            "accel.CacheConfig(method='block'); print('torch' in sys.modules)\n")
+            "accel.CacheConfig(method='block'); print('torch' in sys.modules)\n"
+            "print(out.getvalue())\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:2] == ["[]", "False"], r.stdout
+    assert "tiny-sd15" in r.stdout and "(default)" in r.stdout  # models listed its built-ins
+    assert "2 rows, 0 done, 2 to generate" in r.stdout  # the dry run read both rows
 
 
 def test_compare_times_both_sides_and_claims_a_speed_up_only_when_something_engaged(tmp_path, capsys):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..config_base import ConfigError
 from . import manifest as mf
-from .cli import UsageError, _float, _int, _positive_int
+from .cli import UsageError, _positive_int, row_field
 from .prompts import PromptFileError, Row, read_rows, stem
 
 # name -> (argparse type, built-in default, help). The same names are the keys of a config
@@ -41,12 +41,13 @@ SETTINGS = {
     "out": (str, None, "output folder (required: here or in the config file)"),
     "preset": (str, "balanced", "preset for rows that name none (see `accel models`); default balanced, off turns "
                                 "acceleration off"),
-    "seed": (_int, 0, "seed of row i when the row gives none: SEED + i"),
-    "steps": (_positive_int, None, "denoising steps for rows that give none"),
-    "height": (_positive_int, None, None),
-    "width": (_positive_int, None, None),
-    "frames": (_positive_int, None, "video models: number of frames"),
-    "guidance": (_float, None, "guidance scale"),
+    # defaults for rows: checked as a row's own value is (accel.app.prompts.check)
+    "seed": (row_field("seed"), 0, "seed of row i when the row gives none: SEED + i"),
+    "steps": (row_field("steps"), None, "denoising steps for rows that give none"),
+    "height": (row_field("height"), None, None),
+    "width": (row_field("width"), None, None),
+    "frames": (row_field("frames"), None, "video models: number of frames"),
+    "guidance": (row_field("guidance"), None, "guidance scale"),
     "negative_prompt": (str, None, "negative prompt for rows that give none"),
     "fps": (_positive_int, 8, "video models: frames per second"),
     "image_format": (str, "png", "png or webp"),

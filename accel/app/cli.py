@@ -7,7 +7,6 @@ Every user-facing failure (unknown model, bad size, bad config, unwritable path)
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -28,21 +27,20 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+def row_field(name: str):
+    """An argparse type checking a value as a prompt-file row's ``name`` is checked (`accel.app.prompts.check`),
+    so a default given on the command line or in a config file meets the same bounds as a row's own value."""
 
+    def typ(text: str):
+        from .prompts import check
 
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):  # nan/inf would pass every later range check
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
+        try:
+            return check(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    typ.__name__ = name  # argparse names the type in its messages
+    return typ
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "sections apply on top of the preset")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field on top of both, e.g. --set cache.interval=3 (repeatable)")
-    g.add_argument("--steps", type=_positive_int, default=None, help="denoising steps")
-    g.add_argument("--height", type=_positive_int, default=None)
-    g.add_argument("--width", type=_positive_int, default=None)
-    g.add_argument("--frames", type=_positive_int, default=None, help="video models: number of frames")
+    g.add_argument("--steps", type=row_field("steps"), default=None, help="denoising steps")
+    g.add_argument("--height", type=row_field("height"), default=None)
+    g.add_argument("--width", type=row_field("width"), default=None)
+    g.add_argument("--frames", type=row_field("frames"), default=None, help="video models: number of frames")
     g.add_argument("--fps", type=_positive_int, default=8, help="video models: frames per second of the MP4")
-    g.add_argument("--guidance", type=_float, default=None, help="guidance scale")
-    g.add_argument("--seed", type=_int, default=0)
+    g.add_argument("--guidance", type=row_field("guidance"), default=None, help="guidance scale")
+    g.add_argument("--seed", type=row_field("seed"), default=0)
     g.add_argument("--compare", action="store_true",
                    help="also run the pipeline without acceleration (same seed), side by side: the speed-up over "
                         "--repeats alternating runs after a warm-up, PSNR/SSIM, and what engaged; writes both outputs")

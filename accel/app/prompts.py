@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -210,8 +211,8 @@ def _number(v, presets) -> float:
             v = float(v.strip())
         except ValueError:
             raise ValueError(f"{v!r} is not a number") from None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise ValueError(f"{v!r} is not a number")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{v!r} is not a finite number")
     if v < 0:
         raise ValueError(f"{v} is negative; it must be >= 0")
     return float(v)
@@ -246,6 +247,12 @@ _CHECKS = {
     "preset": _preset,
     "id": _id,
 }
+
+
+def check(name: str, value, presets: tuple[str, ...] = ()):
+    """``value`` (text, or a parsed JSON value) for field ``name``, checked and converted as a row's would be;
+    a ValueError says what is wrong. Command-line and config-file defaults for rows go through this too."""
+    return _CHECKS[name](value, presets)
 
 
 def _check_unique(rows: list[Row], problems) -> None:

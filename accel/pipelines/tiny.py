@@ -37,9 +37,10 @@ import itertools
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `accel models` lists the built-in models without it
+    import torch
 
 NAMES = ("sd15", "sdxl", "animatediff", "flux", "sd3", "pixart", "cogvideox", "wan", "wan22", "ltx", "hunyuanvideo")
 
@@ -511,6 +512,8 @@ class _Seeded:
         self.seed = seed
 
     def __call__(self, fn, *args, **kwargs):
+        import torch
+
         torch.manual_seed(self.seed)
         return fn(*args, **kwargs)
 
@@ -534,9 +537,13 @@ def _check(name: str) -> None:
         raise ValueError(f"unknown tiny pipeline {name!r}; expected one of: {', '.join(NAMES)}")
 
 
-def make(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Build the tiny random pipeline ``name`` (one of ``NAMES``); same seed, same weights."""
+def make(name: str, seed: int = 0, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Build the tiny random pipeline ``name`` (one of ``NAMES``); same seed, same weights; ``dtype``
+    defaults to float32."""
+    import torch
+
     _check(name)
+    dtype = dtype or torch.float32
     # Reseeding per component must not disturb the caller's RNG stream.
     with torch.random.fork_rng(devices=[]):
         pipe = _FAMILIES[name][1](_Seeded(seed))
@@ -557,6 +564,7 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
     declared fp32 modules (Wan norms and time embedder, T5 ``wo`` in fp16, ...)
     in float32. ``pipe.to(dtype)`` would cast those too, and ModelMixin.to warns
     on every dtype cast."""
+    import torch
     from transformers import PreTrainedModel
 
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
@@ -579,6 +587,8 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def example_inputs(name: str, **overrides) -> dict[str, Any]:
     """Keyword arguments for a fast, deterministic ``make(name)(**inputs)``; overrides replace keys."""
+    import torch
+
     _check(name)
     inputs = {
         "prompt": "a photo of a cat riding a horse on the moon",

@@ -183,6 +183,31 @@ def test_bad_rows_are_reported_by_line_before_any_work(tmp_path, capsys):
     assert not out.exists()  # nothing started
 
 
+@pytest.mark.parametrize("option, value, fragment", [
+    ("guidance", "-1", "guidance: -1.0 is negative; it must be >= 0"),
+    ("guidance", "nan", "guidance: nan is not a finite number"),
+    ("seed", "-1", "seed: -1 is out of range; it must be >= 0"),
+    ("steps", "0", "steps: 0 is out of range; it must be positive"),
+    ("width", "1.5", "width: '1.5' is not a whole number"),
+])
+def test_defaults_for_rows_are_checked_as_row_values(option, value, fragment, tmp_path, capsys):
+    """A default given on the command line or in the config's [batch] table meets a row's own bounds (a row with
+    ``guidance: -1`` was refused while ``--guidance -1`` ran every row with it)."""
+    prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a cat"}])
+    with pytest.raises(PromptFileError) as row:  # the same value in a row: the same words
+        read_rows(_write_jsonl(tmp_path / "row.jsonl", [{"prompt": "a cat", option: value}]))
+    [(line, problem)] = row.value.problems
+    assert line == 1 and problem.startswith(fragment)
+    with pytest.raises(SystemExit) as e:
+        main(["batch", str(prompts), "--out", str(tmp_path / "o"), "--dry-run", f"--{option}", value])
+    assert e.value.code == 2 and f"--{option}: {fragment.split(': ', 1)[1]}" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"batch:\n  {option}: {value}\n")
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "o"), "--dry-run", "--config", str(cfg)]) == 2
+    assert f"batch.{fragment}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_csv_and_txt_rows(tmp_path):
     csv_file = tmp_path / "p.csv"
     csv_file.write_text('prompt,seed,steps,id\n"a cat, sitting",3,2,cat\n\nplain dog,,,\nx,notaseed,2,\n')
