@@ -1,38 +1,44 @@
 """`accel app`: a Gradio web app to generate, and to compare accelerated against the baseline.
 
 ``build_app(pipe_or_loader, model_name=..., limits=..., out_dir=...)`` builds the ``gr.Blocks`` (tests
-inject a tiny pipeline); ``serve`` launches it. The technique knobs are generated from the config
-dataclasses (`accel.app.web_controls`), so each technique brings its own controls; the work itself
-(limits, runs, files) is `accel.app.web_engine`, which knows nothing of gradio.
+inject a tiny pipeline); ``serve`` launches it. This module lays out the page and wires its events;
+the technique knobs are generated from the config dataclasses (`accel.app.web_controls`), a run is
+`accel.app.web_run`, stopping is `accel.app.web_stop`, and the work itself (limits, runs, files) is
+`accel.app.web_engine`, which knows nothing of gradio.
+
+The API: ``/generate`` and ``/compare`` take named parameters: ``prompt`` (required),
+``negative_prompt``, ``width``, ``height``, ``steps``, ``guidance``, ``seed``, ``randomize_seed``,
+``frames``, ``fps``, ``batch``, ``model``, ``preset`` (default balanced), and one per technique knob
+named ``section_field`` (``cache_threshold``, ``tokens_ratio``, ``attention_density``...). The rule:
+the run uses ``preset``, and each knob you pass changes that field of it; a knob you leave out (None)
+keeps the preset's value. The page sends all of its knobs, so it runs what its controls show.
 
 Safe by default: the server binds 127.0.0.1, every request is checked against `Limits` (a request
 over a limit gets an error and the server keeps serving), files are served only from the output
-folder, and the page cannot name another model unless ``--allow-model-paths`` is given.
-Stop cancels the gradio event; the cancellation sets the run's stop flag, the pipeline stops at the
-end of the current step, and the worker is free for the next request.
+folder, and the page cannot name another model unless ``--allow-model-paths`` is given. Stop sets
+the stop flag of the page's run, the pipeline stops at the end of the current step, the page says
+"stopped after N of M steps", and the worker is free for the next request; a closed tab or a dropped
+API client stops its run the same way. History is read back from the output folder's sidecars when
+a page opens.
 """
 
 # No `from __future__ import annotations`: gradio reads the handlers' annotations (gr.SelectData)
 # at run time, and gradio is imported inside build_app.
-import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import random
 import socket
-import threading
 from pathlib import Path
+from typing import Literal
 
-from .web_controls import config_from_values, knobs, section_title, sections, values_from_config, widget
-from .web_engine import Engine, InputError, Stopped
-from .web_limits import FLAGS, LimitError, Limits
-
-HISTORY_SIZE = 48
-# The page's inputs in the order the API takes them (gradio_client calls use this order).
-BASE_INPUTS = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed",
-               "randomize_seed", "frames", "fps", "batch", "preset")
+from . import web_history
+from .web_controls import api_name, api_type, config_over, knobs, section_title, sections, values_from_config, widget
+from .web_engine import Engine
+from .web_examples import example_prompts, placeholder
+from .web_limits import FLAGS, Limits
+from .web_run import BASE_INPUTS, HISTORY_SIZE, handler
+from .web_stop import Runs
 
 
 def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits | None = None,
@@ -64,8 +70,11 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
     # the page opens on the default preset for this family: its knobs start at the preset's values
     start = accel.preset(DEFAULT_PRESET, family)
     knob_list = [dataclasses.replace(k, default=getattr(getattr(start, k.section), k.name))
-                 for k in knobs(hide=("parallel",))]  # multi-process parallelism is `accel generate`'s, not the page's
+                 # multi-process parallelism is `accel generate`'s, and the approximate cache's folder is the
+                 # server's (`accel app --approx-cache DIR`): neither is the page's to set
+                 for k in knobs(hide=("parallel", "approx"))]
     concurrency = len(engine.workers)
+    runs = Runs()
 
     with gr.Blocks(title=f"accel: {model_name}", analytics_enabled=False) as demo:
         gr.Markdown(f"## accel — {model_name} ({family}, {'video' if video else 'image'})  \n"
@@ -76,7 +85,11 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
                 model = gr.Textbox(model_name, label="Model (hub id, local folder or built-in name)",
                                    visible=allow_model_paths, interactive=allow_model_paths, elem_id="model")
                 prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
-                                    placeholder="a photo of a cat riding a horse on the moon")
+                                    placeholder=placeholder(model_name, video))
+                examples = example_prompts(model_name, video)
+                if examples:
+                    gr.Examples([[p] for p in examples], inputs=[prompt], label="Example prompts (words this "
+                                "built-in model knows)", api_visibility="private", elem_id="examples")
                 negative = gr.Textbox(d["negative_prompt"], label="Negative prompt", elem_id="negative_prompt")
                 with gr.Row():
                     width = gr.Number(d["width"], label="Width (0: model default)", precision=0, step=8,
@@ -98,16 +111,18 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
                                   info=f"at most {lim.max_batch}", elem_id="batch")
                 preset = gr.Dropdown(list(accel.available_presets()), value=DEFAULT_PRESET, label="Preset",
                                      info=f"fills the knobs below with the preset for {family}", elem_id="preset")
-                knob_widgets = []
+                knob_widgets, section_errors = [], {}
                 for section, cls in sections():
                     own = [k for k in knob_list if k.section == section]
                     if own:
-                        with gr.Accordion(section_title(cls), open=False):
+                        with gr.Accordion(section_title(cls), open=False, elem_id=f"section-{section}"):
                             knob_widgets += [widget(k) for k in own]
-                config_error = gr.Markdown(elem_id="config_error")
-                config_code = gr.Code(accel.Config().to_json(), language="json", interactive=False, max_lines=14,
+                            # a config error shows here, beside the fields it names
+                            section_errors[section] = gr.Markdown(elem_id=f"config_error-{section}")
+                config_error = gr.Markdown(elem_id="config_error")  # errors that name no section
+                config_code = gr.Code(start.to_json(), language="json", interactive=False, max_lines=14,
                                       label="Config (sidecar-compatible: `accel generate --config FILE`)")
-                config_file = gr.DownloadButton("Download config", value=_config_file(engine, accel.Config()))
+                config_file = gr.DownloadButton("Download config", value=_config_file(engine, start))
             with gr.Column(scale=3):
                 with gr.Row():
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -126,28 +141,54 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
                                              height=200, object_fit="contain", elem_id="history")
                 history_record = gr.JSON(label="Selected run", max_height=320, elem_id="history_record")
         history = gr.State([])
+        # The API's inputs: the page's base inputs, and for each knob a value that defaults to None
+        # (the preset's value), so a call names only what it changes (see the module docstring).
+        with gr.Group(visible=False):
+            api_trigger = gr.Button(visible=False)
+            api_knobs = [_api_input(k) for k in knob_list]
+            # the preset as the run checks it ("preset: 'x' is not a preset; choose one of ..."), not as a dropdown
+            api_preset = _api_input(None, DEFAULT_PRESET, Literal[tuple(accel.available_presets())])
 
-        base_inputs = [model, prompt, negative, width, height, steps, guidance, seed, randomize, frames, fps,
-                       batch, preset]
+        base = dict(zip(BASE_INPUTS, [model, prompt, negative, width, height, steps, guidance, seed, randomize,
+                                      frames, fps, batch, preset], strict=True))
+        page_inputs = {**base, **{api_name(k): w for k, w in zip(knob_list, knob_widgets, strict=True)}}
+        api_inputs = {**base, "preset": api_preset,
+                      **{api_name(k): w for k, w in zip(knob_list, api_knobs, strict=True)}}
         outputs = [seed, baseline, result, summary, metrics, stats, files, history, history_gallery]
-        handler_args = (engine, knob_list, family)
-        run_kw = {"inputs": [*base_inputs, *knob_widgets, history], "outputs": outputs,
-                  "concurrency_limit": concurrency, "concurrency_id": "pipelines"}
-        gen_evt = gen_btn.click(_handler("generate", *handler_args), api_name="generate", **run_kw)
-        cmp_evt = cmp_btn.click(_handler("compare", *handler_args), api_name="compare", **run_kw)
-        stop_btn.click(None, cancels=[gen_evt, cmp_evt])
+        run_kw = {"inputs": [history], "outputs": outputs, "concurrency_limit": concurrency,
+                  "concurrency_id": "pipelines"}
+        api_doc = ("{what}. Pass prompt and what you change: preset (default " + DEFAULT_PRESET + "), and any "
+                   "knob as section_field (cache_threshold=...); a knob left out keeps the preset's value.")
+        for mode, button, what in (("generate", gen_btn, "Generate with the acceleration"),
+                                   ("compare", cmp_btn, "The baseline and the accelerated run, timed side by side")):
+            fn = handler(mode, engine, knob_list, family, runs)
+            # the page: one progress bar, on the main output; the API: named parameters
+            button.click(fn, inputs_kwargs=page_inputs, show_progress="full", show_progress_on=[result],
+                         api_name=f"page_{mode}", api_visibility="private", **run_kw)
+            api_trigger.click(fn, inputs_kwargs=api_inputs, api_name=mode, api_description=api_doc.format(what=what),
+                              **run_kw)
 
         ui = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
 
-        def show_config(*values):
-            try:
-                cfg = config_from_values(knob_list, values)
-            except ValueError as e:
-                return gr.update(), gr.update(), f"**Config error:** {e}"
-            return cfg.to_json(), _config_file(engine, cfg), ""
+        def stop(request: gr.Request):
+            runs.stop(request.session_hash)
 
-        gr.on([w.change for w in knob_widgets], show_config, inputs=knob_widgets,
-              outputs=[config_code, config_file, config_error], **ui)
+        stop_btn.click(stop, **ui)
+
+        def show_config(preset_name, *values):
+            boxes = dict.fromkeys(section_errors, "")
+            try:
+                cfg = config_over(knob_list, values, accel.preset(preset_name, family))
+            except ValueError as e:
+                message = f"**Config error:** {str(e).replace('<', '&lt;')}"
+                section = str(e).split(":", 1)[0].split(".", 1)[0]  # "cache.interval: ..." -> cache
+                if section in boxes:
+                    boxes[section], message = message, ""
+                return gr.update(), gr.update(), *boxes.values(), message
+            return cfg.to_json(), _config_file(engine, cfg), *boxes.values(), ""
+
+        gr.on([w.change for w in knob_widgets], show_config, inputs=[preset, *knob_widgets],
+              outputs=[config_code, config_file, *section_errors.values(), config_error], **ui)
 
         def apply_preset(name):
             return values_from_config(knob_list, accel.preset(name, family))
@@ -159,124 +200,24 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
 
         history_gallery.select(select_history, inputs=history, outputs=history_record, **ui)
 
+        def load_history():
+            entries = web_history.load(engine.out_dir, HISTORY_SIZE)
+            return entries, web_history.gallery(entries)
+
+        demo.load(load_history, outputs=[history, history_gallery], **ui)
+
     demo.queue(max_size=lim.max_queue, default_concurrency_limit=concurrency)
     demo.accel_engine = engine
-    demo.accel_inputs = [*BASE_INPUTS, *(f"{k.section}.{k.name}" for k in knob_list)]
-    demo.accel_defaults = {"model": model_name, "prompt": "", "negative_prompt": d["negative_prompt"],
-                           "width": d["width"], "height": d["height"], "steps": d["steps"],
-                           "guidance": d["guidance"], "seed": 0, "randomize_seed": False, "frames": d["frames"],
-                           "fps": 8, "batch": 1, "preset": DEFAULT_PRESET,
-                           **{f"{k.section}.{k.name}": v for k, v in
-                              zip(knob_list, values_from_config(knob_list, start), strict=True)}}
     return demo
 
 
-def _handler(mode: str, engine: Engine, knob_list, family: str):
-    import gradio as gr
+def _api_input(knob, default=None, python_type=None):
+    """A hidden API input for ``knob``: no page control, a documented type, default None (the preset's value)."""
+    from gradio.components.api_component import Api
+    from gradio_client.utils import python_type_to_json_schema
 
-    n_base = len(BASE_INPUTS)
-
-    async def run(*values, progress=gr.Progress()):
-        raw = dict(zip(BASE_INPUTS, values[:n_base], strict=True))
-        knob_values, history = values[n_base:-1], values[-1] or []
-        seed = random.randrange(2**31) if raw.pop("randomize_seed") else raw["seed"]
-        preset = raw.pop("preset")
-        try:
-            req = engine.parse(**{**raw, "seed": seed})
-            cfg = config_from_values(knob_list, knob_values)
-        except (InputError, LimitError, ValueError) as e:
-            raise _error(e) from None
-
-        def on_step(phase, i, n):
-            progress((i, n or None), desc=f"{phase}: denoising", unit="steps")
-
-        cancel = threading.Event()
-        task = asyncio.ensure_future(asyncio.to_thread(engine.run, req, cfg, mode, on_step, cancel))
-        try:
-            res = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # Stop button or client cancel: stop the pipeline at the end of its step, and keep this
-            # event (and its worker) busy until it has, so the next request finds the worker free.
-            cancel.set()
-            with contextlib.suppress(Exception):
-                await task  # ends with Stopped, or with whatever the last step raised
-            raise
-        except (InputError, LimitError, Stopped) as e:
-            raise _error(e) from None
-        except Exception as e:  # a failure of the model or the machine: say so, keep serving
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise _error(f"generation failed: {type(e).__name__}: {first}", log=True) from None
-
-        preset_used = preset if cfg == _preset_config(preset, family) else None
-        items = [(str(p), f"baseline s{req.seed}") for p in res.baseline] + \
-                [(str(p), f"{mode} s{req.seed}") for p in res.outputs]
-        m = res.metrics
-        if m:
-            entry_caption = (f"{m['speedup']}x, PSNR {'∞' if m['psnr'] is None else m['psnr']}" if m.get("engaged")
-                             else "nothing engaged")
-        else:
-            entry_caption = f"{res.seconds['accelerated']:.2f}s"
-        entry_caption += f" · s{req.seed}"
-        record = {**res.record, "preset": preset_used}
-        history = ([{"path": str(res.outputs[0]), "caption": entry_caption, "record": record}] + history)[:HISTORY_SIZE]
-        return (req.seed, items[:len(res.baseline)] or None, items[len(res.baseline):],
-                _summary(res, preset_used), res.metrics or None, res.stats,
-                [str(p) for p in (*res.outputs, *res.baseline, *res.sidecars)],
-                history, [(h["path"], h["caption"]) for h in history])
-
-    run.__name__ = mode
-    return run
-
-
-def _error(e, log: bool = False):
-    """A ``gr.Error`` for the page and the API. The page shows the message as HTML, so no tag may
-    start in it (a prompt or model name echoed back); ">" alone is harmless and keeps ">= 1" readable."""
-    import gradio as gr
-
-    return gr.Error(str(e).replace("&", "&amp;").replace("<", "&lt;"), print_exception=log)
-
-
-def _preset_config(name: str, family: str):
-    import accel
-
-    try:
-        return accel.preset(name, family)
-    except ValueError:
-        return None
-
-
-def _summary(res, preset) -> str:
-    acc = res.seconds["accelerated"]
-    steps = res.stats.get("steps", "?")
-    setting = f"preset `{preset}`" if preset else "custom config"
-    if not res.metrics:
-        line = f"**{acc:.2f} s** ({steps} step{'' if steps == 1 else 's'}, {setting}, seed {res.seed})"
-    elif not res.metrics.get("engaged"):  # identical outputs: a time difference is noise, not a speed-up
-        m = res.metrics
-        line = (f"nothing engaged at this size ({setting}): the outputs are identical and any time difference is "
-                f"noise · baseline {m['baseline_s']:.2f} s · accelerated {m['accelerated_s']:.2f} s (seed {res.seed})")
-    else:
-        m = res.metrics
-        psnr = "identical (PSNR ∞)" if m["psnr"] is None else f"PSNR {m['psnr']:.2f} dB"
-        line = (f"baseline **{m['baseline_s']:.2f} s** · accelerated **{m['accelerated_s']:.2f} s** · "
-                f"speedup **{m['speedup']:.2f}x** (medians of {m['repeats']} runs each after a warm-up) · {psnr} · "
-                f"SSIM {m['ssim']:.4f} ({setting}, seed {res.seed})")
-    return "  \n".join([line, *_technique_lines(res.stats)])
-
-
-def _technique_lines(stats: dict) -> list[str]:
-    """One line per technique that ran: the numbers at the top of its stats (reused, merged, density...)."""
-    from .web_controls import sections
-
-    lines = []
-    for section, _ in sections():
-        part = stats.get(section)
-        if isinstance(part, dict) and part:
-            nums = [f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
-                    for k, v in part.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
-            if nums:
-                lines.append(f"{section}: " + ", ".join(nums[:6]))
-    return lines
+    return Api(default, python_type_to_json_schema(python_type or api_type(knob)),
+               label=knob.key if knob else "preset")
 
 
 def _config_file(engine: Engine, cfg) -> str:

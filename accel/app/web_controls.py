@@ -83,6 +83,8 @@ def to_widget_value(knob: Knob, value):
 
 def from_widget_value(knob: Knob, value):
     """What a control holds as a config value (validation is the config's job, not this one's)."""
+    if knob.kind == "json" and not isinstance(value, str) and value is not None:
+        return value  # an API call may send the list itself
     if knob.kind == "json":
         text = (value or "").strip()
         if not text:
@@ -107,6 +109,38 @@ def config_from_values(knob_list: list[Knob], values) -> Config:
     for knob, value in zip(knob_list, values, strict=True):
         parts.setdefault(knob.section, {})[knob.name] = from_widget_value(knob, value)
     return Config.from_dict(parts)
+
+
+def config_over(knob_list: list[Knob], values, base: Config) -> Config:
+    """``base`` (a preset's config) with every knob whose value is not None on top: the rule of the
+    app's runs. The page always sends every knob, so its config is what its controls show; an API
+    call sends only the knobs it names (the others are None) and gets the preset with those changed."""
+    parts = base.to_dict()
+    for knob, value in zip(knob_list, values, strict=True):
+        if value is not None:
+            parts.setdefault(knob.section, {})[knob.name] = from_widget_value(knob, value)
+    return Config.from_dict(parts)
+
+
+def changes(knob_list: list[Knob], cfg: Config, base: Config) -> list[str]:
+    """``"section.field value"`` for every knob where ``cfg`` differs from ``base``."""
+    def value(c, k):
+        return getattr(getattr(c, k.section), k.name)
+
+    return [f"{k.key} {value(cfg, k)}" for k in knob_list if value(cfg, k) != value(base, k)]
+
+
+def api_name(knob: Knob) -> str:
+    """The knob's parameter name in the app's API: ``cache_threshold`` for ``cache.threshold``."""
+    return f"{knob.section}_{knob.name}"
+
+
+def api_type(knob: Knob):
+    """The Python type the API documents for the knob (None: the preset's value)."""
+    if knob.kind == "choice":
+        return typing.Optional[typing.Literal[tuple(knob.choices)]]
+    python = {"bool": bool, "int": int, "float": float}.get(knob.kind, str)
+    return typing.Optional[python]
 
 
 def values_from_config(knob_list: list[Knob], cfg: Config) -> list:

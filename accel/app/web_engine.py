@@ -155,8 +155,7 @@ class Engine:
             raise InputError("prompt: empty; type what to generate")
         model = (model or "").strip()
         if model and model != self.model_name and not self.allow_model_paths:
-            raise InputError(f"model: this server only serves {self.model_name!r}; restart `accel app` with "
-                             "--allow-model-paths to let the page load other models")
+            raise InputError(f"model: this server serves only {self.model_name!r}; it cannot load other models")
         req = Request(
             prompt=prompt, negative_prompt=(negative_prompt or "").strip() or None,
             width=_whole("width", width, 0) or None, height=_whole("height", height, 0) or None,
@@ -172,18 +171,19 @@ class Engine:
     # --- running -------------------------------------------------------------------------------
     def run(self, req: Request, config, mode: str = "generate",
             on_step: Callable[[str, int, int], None] | None = None,
-            cancel: threading.Event | None = None) -> Result:
-        """Run ``req`` with ``config`` (an `accel.Config`) on a free worker; blocks until one is free."""
+            cancel: threading.Event | None = None, preset: str | None = None) -> Result:
+        """Run ``req`` with ``config`` (an `accel.Config`) on a free worker; blocks until one is free.
+        ``preset``: the preset ``config`` was made from (the sidecars record it)."""
         if mode not in ("generate", "compare"):
             raise ValueError(f"mode {mode!r}: use generate or compare")
         cancel = cancel or threading.Event()
         worker = self._free.get()
         try:
-            return self._run(worker, req, config, mode, on_step or (lambda *a: None), cancel)
+            return self._run(worker, req, config, mode, on_step or (lambda *a: None), cancel, preset)
         finally:
             self._free.put(worker)
 
-    def _run(self, worker: Worker, req: Request, config, mode, on_step, cancel) -> Result:
+    def _run(self, worker: Worker, req: Request, config, mode, on_step, cancel, preset=None) -> Result:
         import accel
 
         self._use_model(worker, req.model or self.model_name)
@@ -220,7 +220,7 @@ class Engine:
         else:
             apply()
             frames, result.seconds["accelerated"] = accelerated()
-        self._save(worker, req, config, call_kw["kw"], frames, result, base)
+        self._save(worker, req, config, call_kw["kw"], frames, result, base, preset)
         return result
 
     def _mirror(self, *message) -> None:
@@ -265,8 +265,7 @@ class Engine:
         if model == worker.model:
             return
         if self.loader is None:
-            raise InputError(f"model: this app was given a pipeline object for {self.model_name!r} and cannot "
-                             "load others; start it with `accel app --model ...` instead")
+            raise InputError(f"model: this server serves only {self.model_name!r}; it cannot load other models")
         from ..pipelines.load import ModelLoadError
 
         self._mirror("model", model)
@@ -283,7 +282,7 @@ class Engine:
         if error:
             raise error
 
-    def _save(self, worker: Worker, req: Request, config, kw, frames, result: Result, base) -> None:
+    def _save(self, worker: Worker, req: Request, config, kw, frames, result: Result, base, preset=None) -> None:
         from . import outputs
         from .generation import sidecar
 
@@ -296,10 +295,11 @@ class Engine:
                 outputs.save_output(item, path, fps=req.fps)
                 record = sidecar(worker.pipe, output=path.name, model=worker.model, family=worker.family,
                                  prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, kw=kw,
-                                 preset=None, config=config if not label else _off(),
+                                 preset=preset if not label else "off", config=config if not label else _off(),
                                  timings={"generate_s": result.seconds["baseline" if label else "accelerated"]},
                                  stats={"applied": False} if label else None)
-                record.update(extra, batch_index=i, fps=req.fps if worker.video else None)
+                record.update(extra, side=label or "accelerated", batch_index=i,
+                              fps=req.fps if worker.video else None)
                 outputs.write_json(outputs.sidecar_path(path), record)
                 dest.append(path)
                 result.sidecars.append(outputs.sidecar_path(path))

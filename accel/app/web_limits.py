@@ -1,9 +1,11 @@
 """What one web request may ask for: size, steps, frames, batch, prompt length, queue length.
 
 The web app serves people who cannot see the machine, so every request is checked against these
-limits before it reaches the pipeline; a request over a limit gets an error naming the limit and the
-flag that raises it, and the server keeps serving. Load from a JSON/YAML/TOML file (``--limits``)
-or set per flag (``--max-steps`` ...).
+limits before it reaches the pipeline; a request over a limit gets an error saying what the page
+allows ("steps: 500 is more than this server allows: at most 100 steps"), and the server keeps
+serving. The person at the page cannot change the server's flags, so the message does not name
+them; the operator loads the limits from a JSON/YAML/TOML file (``--limits``) or sets them per flag
+(``--max-steps`` ...).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..config_base import ConfigBase, read_mapping, spec
 
 
 class LimitError(ValueError):
-    """A request asks for more than this server allows; the message names the limit and its flag."""
+    """A request asks for more than this server allows; the message says how much it allows."""
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,15 @@ class Limits(ConfigBase):
     def check(self, *, width: int | None, height: int | None, steps: int | None, frames: int | None,
               batch: int, prompt: str) -> None:
         """Raise `LimitError` for the first value over its limit (None means the model's default)."""
-        asked = (("width", width, self.max_width, "--max-width"),
-                 ("height", height, self.max_height, "--max-height"),
-                 ("steps", steps, self.max_steps, "--max-steps"),
-                 ("frames", frames, self.max_frames, "--max-frames"),
-                 ("batch", batch, self.max_batch, "--max-batch"),
-                 ("prompt length", len(prompt), self.max_prompt_chars, "--max-prompt-chars"))
-        for name, value, limit, flag in asked:
+        asked = (("width", width, self.max_width, "pixels"),
+                 ("height", height, self.max_height, "pixels"),
+                 ("steps", steps, self.max_steps, "steps"),
+                 ("frames", frames, self.max_frames, "frames"),
+                 ("batch", batch, self.max_batch, "outputs per run"),
+                 ("prompt length", len(prompt), self.max_prompt_chars, "characters"))
+        for name, value, limit, unit in asked:
             if value is not None and value > limit:
-                raise LimitError(f"{name}: {value} is over this server's limit of {limit}; ask for less, "
-                                 f"or restart `accel app` with {flag} {value}")
+                raise LimitError(f"{name}: {value} is more than this server allows: at most {limit} {unit}")
 
 
 # CLI flag -> Limits field, shared by `accel app` and its tests.

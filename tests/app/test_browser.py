@@ -1,13 +1,16 @@
 """The web app in a real browser: headless Debian chromium, driven by playwright.
 
 Opens the page, types a prompt, clicks Generate, waits for the image and the stats, and saves a
-screenshot (to $ACCEL_SCREENSHOT_DIR when set, else the test's temporary folder). Playwright drives
+screenshot (to $ACCEL_SCREENSHOT_DIR when set, else the test's temporary folder). Then what only a
+browser shows: the history after a reload, one progress bar, Stop's message, a config error beside
+its fields, and a closed tab stopping its run. Playwright drives
 the system chromium through ``executable_path``; it never downloads a browser of its own. `.ci/run`
 installs chromium with apt-get, so in CI this test runs; elsewhere it is skipped only when chromium
 or playwright is missing, and says which.
 """
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -64,6 +67,13 @@ def test_generate_in_a_real_browser(app_url, page, tmp_path):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(app_url[0])
+    from accel.app.web_examples import example_prompts
+
+    # the placeholder and the example prompts are in the words the tiny model knows
+    examples = example_prompts("tiny-sd15", False)
+    assert page.locator("#prompt textarea").get_attribute("placeholder") == examples[0]
+    page.get_by_text(examples[1], exact=True).click()  # an example fills the prompt
+    page.wait_for_function(f"document.querySelector('#prompt textarea').value === {examples[1]!r}")
     page.locator("#prompt textarea").fill("a photo of a red cat")
     page.locator("#steps input").fill("2")
     page.locator("#generate").click()
@@ -80,21 +90,70 @@ def test_generate_in_a_real_browser(app_url, page, tmp_path):
     history.first.wait_for(state="visible")
 
     _screenshot(page, tmp_path, "web_app_generate.png")
+    page.reload()  # a new page load reads the history back from the output folder
+    page.locator("#history img").first.wait_for(state="visible")
     assert not errors, errors
 
 
 def test_stop_button_ends_a_long_run(app_url, page):
     engine = app_url[1]
+    page.locator("#prompt textarea").fill("a long run")  # the page was reloaded: the prompt is empty
     page.locator("#steps input").fill("300")
     page.locator("#generate").click()
     page.get_by_text("accelerated: denoising").first.wait_for()  # the progress bar is running
     page.wait_for_function("/([3-9]|[1-9][0-9]+)\\/300/.test(document.body.innerText)")  # a few steps done
+    # one progress bar, on the accelerated output; Seed and the other outputs show none
+    assert page.get_by_text("accelerated: denoising").count() == 1
+    assert page.locator("#result").get_by_text("accelerated: denoising").count() == 1
     page.locator("#stop").click()
+    stopped = page.locator("#summary").get_by_text("Stopped after")
+    stopped.wait_for()  # the page says how far the run got, and shows no error badges
+    assert re.search(r"Stopped after \d+ of 300 steps", stopped.inner_text())
+    assert page.get_by_text("Error", exact=True).count() == 0
     page.locator("#steps input").fill("1")
     page.locator("#generate").click()
     page.locator("#summary").get_by_text("1 step,").wait_for()  # the next request ran
     long_runs = [e for e in engine.log if e["steps"] == 300]
     assert long_runs and long_runs[-1]["stopped"] and long_runs[-1]["steps_done"] < 300
+
+
+def test_closing_the_tab_stops_its_run(app_url, page):
+    engine = app_url[1]
+    out = engine.out_dir
+    before = set(out.glob("*.png"))
+    tab = page.context.new_page()
+    tab.goto(app_url[0])
+    tab.locator("#prompt textarea").fill("a run in a tab that closes")
+    tab.locator("#steps input").fill("400")
+    tab.locator("#generate").click()
+    tab.wait_for_function("/([3-9]|[1-9][0-9]+)\\/400/.test(document.body.innerText)")  # a few steps done
+    tab.close()
+    page.locator("#steps input").fill("1")
+    page.locator("#prompt textarea").fill("after the tab closed")
+    page.locator("#seed input").fill("77")
+    page.locator("#generate").click()
+    page.locator("#summary").get_by_text("seed 77)").wait_for()  # the only worker was freed
+    closed = [e for e in engine.log if e["steps"] == 400]
+    assert closed and closed[-1]["stopped"] and closed[-1]["steps_done"] < 400
+    assert len(set(out.glob("*.png")) - before) == 1  # the closed tab's run wrote nothing
+
+
+def test_config_error_shows_beside_its_fields(app_url, page):
+    import accel
+    from accel.app.web_controls import section_title
+
+    page.get_by_text(section_title(accel.CacheConfig)).click()  # open the cache knobs
+    interval = page.locator("#knob-cache-interval input")
+    old = interval.input_value()
+    interval.fill("0")
+    interval.press("Tab")
+    # inside the cache section, not under the last section
+    page.locator("#section-cache #config_error-cache").get_by_text("cache.interval: 0 is out of range").wait_for()
+    assert page.locator("#config_error").inner_text().strip() == ""
+    interval.fill(old)
+    interval.press("Tab")
+    page.wait_for_function("document.querySelector('#config_error-cache').innerText.trim() === ''")
+    page.get_by_text(section_title(accel.CacheConfig)).click()  # closed again, as the next test expects
 
 
 def test_preset_fills_the_knobs_and_compare_shows_both(app_url, page, tmp_path):

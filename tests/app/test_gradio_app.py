@@ -1,17 +1,22 @@
 """The web app end to end through gradio_client: generate, compare, limits, bad input, stop, files.
 
 Each server binds 127.0.0.1 on a free port, serves a tiny random-weight pipeline, and is closed by
-its fixture. Requests use the API in the page's own input order (`demo.accel_inputs`).
+its fixture. Requests use the API's named parameters (``prompt=...``, ``preset=...``, knobs as
+``cache_interval=...``); a knob left out keeps the preset's value.
 """
 
+import asyncio
 import dataclasses
 import importlib
 import json
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,21 +41,14 @@ class Server:
         self.url = serve(demo, port=None, block=False, quiet=True)
         self.client = Client(self.url, verbose=False)
 
-    def args(self, **changes):
-        values = {**self.demo.accel_defaults, **changes}
-        unknown = set(changes) - set(values)
-        assert not unknown, unknown
-        return [values[name] for name in self.demo.accel_inputs]
-
-    def off(self) -> dict:
-        """Knob values of preset off: the page opens on the default preset (balanced), these undo it."""
-        knob_list = web_controls.knobs(hide=("parallel",))
-        values = web_controls.values_from_config(knob_list, accel.Config())
-        return {"preset": "off", **{f"{k.section}.{k.name}": v for k, v in zip(knob_list, values, strict=True)}}
+    @staticmethod
+    def params(**changes) -> dict:
+        """API parameters: knobs may be written as their config keys ("cache.interval")."""
+        return {k.replace(".", "_"): v for k, v in changes.items()}
 
     def call(self, api="/generate", **changes):
         keys = ("seed", "baseline", "result", "summary", "metrics", "stats", "files", "history")
-        return dict(zip(keys, self.client.predict(*self.args(**changes), api_name=api)[:len(keys)], strict=True))
+        return dict(zip(keys, self.client.predict(api_name=api, **self.params(**changes))[:len(keys)], strict=True))
 
     def close(self):
         self.client.close()
@@ -97,14 +95,15 @@ def test_generate_image_writes_output_sidecar_and_history(image_app):
     side = _sidecar_of(image_app.engine.out_dir, names[0])
     assert side["prompt"] == "a red cat" and side["seed"] == 5 and side["model"] == "tiny-sd15"
     assert side["mode"] == "generate" and side["call"]["num_inference_steps"] == 2
-    # the page opens on the default preset, balanced, and the sidecar's config loads as that Config
+    # no preset named: the default, balanced, which the sidecar records with its config
     assert accel.Config.from_dict(side["config"]) == accel.preset("balanced", "sd15")
+    assert side["preset"] == "balanced" and "preset `balanced`" in r["summary"]
     assert (image_app.engine.out_dir / names[0]).is_file()
     assert r["history"] and "s5" in r["history"][0]["caption"]
 
 
 def test_compare_image_returns_both_outputs_and_metrics(image_app):
-    r = image_app.call("/compare", prompt="a blue dog", steps=2, seed=3, **image_app.off())
+    r = image_app.call("/compare", prompt="a blue dog", steps=2, seed=3, preset="off")
     (base,), (acc,) = r["baseline"], r["result"]
     m = r["metrics"]
     assert m["baseline_s"] > 0 and m["accelerated_s"] > 0 and m["speedup"] > 0
@@ -116,7 +115,8 @@ def test_compare_image_returns_both_outputs_and_metrics(image_app):
     assert m["repeats"] == 2 and m["baseline_range"][0] <= m["baseline_s"] <= m["baseline_range"][1]
     assert len(r["files"]) == 4  # two outputs, two sidecars
     side = _sidecar_of(image_app.engine.out_dir, Path(acc["image"]).name)
-    assert side["mode"] == "compare" and side["compare"]["ssim"] == 1.0
+    assert side["mode"] == "compare" and side["compare"]["ssim"] == 1.0 and side["preset"] == "off"
+    assert _sidecar_of(image_app.engine.out_dir, Path(base["image"]).name)["side"] == "baseline"
 
 
 def test_compare_lossy_setting_shows_reuse_and_fidelity(image_app):
@@ -133,33 +133,36 @@ def test_compare_lossy_setting_shows_reuse_and_fidelity(image_app):
 
 
 def test_over_limit_request_errors_and_server_keeps_serving(image_app):
-    for changes, fragment in ((dict(steps=10_000), "steps: 10000 is over this server's limit of 400"),
-                              (dict(width=4096), "width: 4096 is over this server's limit of 64"),
-                              (dict(batch=3), "batch: 3 is over this server's limit of 2"),
-                              (dict(prompt="x" * 3000), "prompt length: 3000")):
-        with pytest.raises(AppError, match=fragment.replace("(", r"\(")):
+    # phrased for the person at the page: what the page allows, not the server's flags
+    for changes, fragment in ((dict(steps=10_000), "steps: 10000 is more than this server allows: at most 400 steps"),
+                              (dict(width=4096), "width: 4096 is more than this server allows: at most 64 pixels"),
+                              (dict(batch=3), "batch: 3 is more than this server allows: at most 2 outputs per run"),
+                              (dict(prompt="x" * 3000), "prompt length: 3000 is more than this server allows")):
+        with pytest.raises(AppError, match=fragment) as err:
             image_app.call(**{"prompt": "a cat", **changes})
+        assert "restart" not in str(err.value) and "--" not in str(err.value)
     r = image_app.call(prompt="a cat", steps=1)
     assert len(r["result"]) == 1
 
 
 @pytest.mark.parametrize("changes, fragment", [
     (dict(prompt="   "), "prompt: empty"),
-    (dict(model="someone/other-model"), "only serves 'tiny-sd15'"),
+    (dict(model="someone/other-model"), "serves only 'tiny-sd15'; it cannot load other models"),
+    (dict(preset="turbo"), "preset: 'turbo' is not a preset; choose one of off, "),
     (dict(width=36), "divisible by 8"),
     (dict(steps=0), "steps: 0 must be >= 1"),
     (dict(**{"attention.density": 0.5}), "attention.density: 0.5 needs a sparse attention.pattern"),
     (dict(**{"tokens.ratio": 2.0}), "tokens.ratio: 2.0 is out of range"),
 ])
 def test_bad_input_gets_a_clear_error(image_app, changes, fragment):
-    with pytest.raises(AppError, match=fragment.replace(".", r"\.")):
+    with pytest.raises(AppError, match=fragment.replace(".", r"\.")) as err:
         image_app.call(**{"prompt": "a cat", **changes})
+    assert "restart" not in str(err.value) and "--allow" not in str(err.value)
 
 
 def test_stop_ends_a_long_run_promptly_and_the_next_request_works(image_app):
-    out = image_app.engine.out_dir
-    before = set(out.glob("*.png"))
-    job = image_app.client.submit(*image_app.args(prompt="a long run", steps=400), api_name="/generate")
+    before = set(image_app.engine.out_dir.glob("*.png"))
+    job = image_app.client.submit(prompt="a long run", steps=400, api_name="/generate")
     deadline = time.monotonic() + 120
     while True:  # wait until the pipeline is really denoising
         progress = job.status().progress_data
@@ -168,11 +171,125 @@ def test_stop_ends_a_long_run_promptly_and_the_next_request_works(image_app):
         assert time.monotonic() < deadline and not job.done(), "the long run never reported progress"
         time.sleep(0.05)
     job.cancel()
-    r = image_app.call(prompt="after the stop", steps=1)  # the worker is free again
+    _stopped_and_the_worker_is_free(image_app, before)
+
+
+def _stopped_and_the_worker_is_free(app, before: set) -> None:
+    """The 400-step run stopped early and wrote nothing, and the only worker serves the next request."""
+    r = app.call(prompt="after the stop", steps=1)
     assert len(r["result"]) == 1
-    stopped = [e for e in image_app.engine.log if e["steps"] == 400]
+    stopped = [e for e in app.engine.log if e["steps"] == 400]
     assert stopped and stopped[-1]["stopped"] and 2 <= stopped[-1]["steps_done"] < 400
-    assert len(set(out.glob("*.png")) - before) == 1  # the stopped run wrote nothing
+    assert len(set(app.engine.out_dir.glob("*.png")) - before) == 1  # only the next request's output
+
+
+def test_a_client_that_goes_away_stops_its_run_and_frees_the_worker(image_app):
+    # A client joins the queue, reads its event stream until the run is denoising, then drops the
+    # connection (a killed script, a closed tab's stream): the run stops at its next step, writes
+    # nothing, and the only worker serves the next request.
+    before = set(image_app.engine.out_dir.glob("*.png"))
+    fn = next(f for f in image_app.demo.fns.values() if f.api_name == "generate")
+    given = {"prompt": "a run nobody waits for", "steps": 400}
+    data = [given.get(name, getattr(block, "value", None)) for name, block in zip(fn.input_parameter_names, fn.inputs,
+                                                                                   strict=True)]
+    session = uuid.uuid4().hex
+    body = json.dumps({"data": data, "event_data": None, "fn_index": fn._id, "trigger_id": None,
+                       "session_hash": session}).encode()
+    urllib.request.urlopen(urllib.request.Request(f"{image_app.url}gradio_api/queue/join", body,
+                                                  {"Content-Type": "application/json"}), timeout=30).close()
+    stream = urllib.request.urlopen(f"{image_app.url}gradio_api/queue/data?session_hash={session}", timeout=120)
+    for line in stream:  # server-sent events, until the pipeline is really denoising
+        msg = json.loads(line[5:]) if line.startswith(b"data:") else {}
+        assert msg.get("msg") != "process_completed", msg
+        if msg.get("msg") == "progress" and ((msg.get("progress_data") or [{}])[-1].get("index") or 0) >= 2:
+            break
+    stream.close()  # the client goes away
+    _stopped_and_the_worker_is_free(image_app, before)
+
+
+def test_stop_answers_how_far_the_run_got(image_app):
+    # The page's Stop sets its session's stop flag; the run answers in the summary, not with an error.
+    from accel.app.web_run import OUTPUTS, handler
+    from accel.app.web_stop import Runs
+
+    runs = Runs()
+    run = handler("generate", image_app.engine, web_controls.knobs(hide=("parallel",)), "sd15", runs)
+
+    def progress(step, **_):
+        if step[0] >= 3:
+            runs.stop("page-1")  # what the Stop button does for its page's session
+
+    answer = asyncio.run(run([], SimpleNamespace(session_hash="page-1"), progress, prompt="a long run", steps=400))
+    text = answer[OUTPUTS.index("summary")]
+    assert re.search(r"Stopped after [34] of 400 steps\*\*; nothing was written", text), text
+    after = asyncio.run(run([], SimpleNamespace(session_hash="page-1"), progress, prompt="x", steps=2))
+    assert "Stopped" not in after[OUTPUTS.index("summary")]  # a later run is not stopped by an old Stop
+
+
+def test_api_takes_named_parameters_and_honours_the_preset(image_app):
+    params = image_app.client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]
+    names = [p["parameter_name"] for p in params["parameters"]]
+    assert {"prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "preset", "cache_threshold",
+            "cache_interval", "tokens_ratio", "attention_density"} <= set(names)
+    assert not [n for n in names if n.startswith("param_")]
+    knob = next(p for p in params["parameters"] if p["parameter_name"] == "cache_interval")
+    assert knob["parameter_has_default"] and knob["parameter_default"] is None  # None: the preset's value
+    fast = accel.preset("fast", "sd15")
+    r = image_app.call(prompt="a red cat", steps=2, preset="fast")
+    side = _sidecar_of(image_app.engine.out_dir, Path(r["result"][0]["image"]).name)
+    assert side["preset"] == "fast" and accel.Config.from_dict(side["config"]) == fast
+    assert "preset `fast`," in r["summary"] and r["stats"]["cache"]["method"] == fast.cache.method
+    # a knob beside the preset changes that one field of it
+    r = image_app.call(prompt="a red cat", steps=2, preset="fast", cache_interval=2)
+    side = _sidecar_of(image_app.engine.out_dir, Path(r["result"][0]["image"]).name)
+    assert accel.Config.from_dict(side["config"]) == fast.replace(cache={"interval": 2})
+    assert side["preset"] == "fast" and "preset `fast` with cache.interval 2" in r["summary"]
+
+
+def test_one_progress_bar_on_the_main_output(image_app):
+    demo = image_app.demo
+    result = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "result")
+    page_runs = [fn for fn in demo.fns.values() if fn.api_name in ("page_generate", "page_compare")]
+    assert len(page_runs) == 2
+    for fn in page_runs:
+        assert fn.show_progress == "full" and list(fn.show_progress_on) == [result]
+
+
+def test_history_is_read_back_from_the_output_folder(image_app):
+    image_app.call(prompt="a green bird", steps=1, seed=11)
+    image_app.call(prompt="a pink fish", steps=1, seed=12, batch=2)
+    # a new page (or a restarted server) on the same folder opens with that history, newest first
+    demo = build_app(image_app.engine.primary.pipe, "tiny-sd15", limits=LIMITS, out_dir=image_app.engine.out_dir)
+    load = next(fn for fn in demo.fns.values() if any(event == "load" for _, event in fn.targets))
+    entries, gallery = load.fn()
+    assert [e["record"]["seed"] for e in entries[:2]] == [12, 11]  # one entry per run, not per output
+    assert all(e["record"]["side"] == "accelerated" and Path(path).is_file() for e, (path, _) in zip(entries, gallery,
+                                                                                                      strict=True))
+    assert gallery[0][1].endswith("s12") and len(entries) <= 48
+
+
+@pytest.mark.parametrize("model, video", [("ref-sd", False), ("ref-dit", False), ("ref-video", True),
+                                          ("tiny-sd15", False), ("tiny-wan", True)])
+def test_example_prompts_use_words_the_built_in_model_knows(model, video):
+    from accel.app.web_examples import example_prompts, placeholder
+    from accel.eval.shapes import VOCABULARY
+    from accel.pipelines.tiny import _WORDS
+
+    words = set(VOCABULARY if model.startswith("ref-") else _WORDS)
+    prompts = example_prompts(model, video)
+    assert prompts and placeholder(model, video) == prompts[0]
+    for p in prompts:
+        assert not [w for w in p.replace(",", " ").split() if w not in words], p
+
+
+def test_the_page_shows_examples_and_a_placeholder_the_model_knows(image_app):
+    from accel.app.web_examples import example_prompts
+
+    blocks = image_app.demo.blocks.values()
+    prompt = next(b for b in blocks if getattr(b, "elem_id", None) == "prompt")
+    assert prompt.placeholder == example_prompts("tiny-sd15", False)[0]
+    (examples,) = [b for b in blocks if type(b).__name__ == "Dataset"]
+    assert [row[0] for row in examples.raw_samples] == example_prompts("tiny-sd15", False)
 
 
 def test_files_are_served_only_from_the_output_folder(image_app, tmp_path):
@@ -206,7 +323,7 @@ def test_video_generate_and_compare(video_app):
     (base,), (acc,) = r["baseline"], r["result"]
     assert base["video"].endswith(".mp4") and acc["video"].endswith(".mp4")
     assert r["metrics"]["ssim"] == 1.0 and r["metrics"]["speedup"] > 0
-    with pytest.raises(AppError, match="frames: 33 is over this server's limit of 9"):
+    with pytest.raises(AppError, match="frames: 33 is more than this server allows: at most 9 frames"):
         video_app.call(prompt="a ball", frames=33)
 
 
@@ -225,6 +342,34 @@ def test_every_config_field_gets_a_control_and_round_trips():
         for family in accel.FAMILIES:
             cfg = accel.preset(name, family)
             assert web_controls.config_from_values(knobs, web_controls.values_from_config(knobs, cfg)) == cfg
+
+
+def test_knobs_change_the_preset_and_none_keeps_its_value():
+    knobs = web_controls.knobs(hide=("parallel",))
+    fast = accel.preset("fast", "sd15")
+    assert web_controls.config_over(knobs, [None] * len(knobs), fast) == fast
+    cfg = web_controls.config_over(knobs, [2 if k.key == "cache.interval" else None for k in knobs], fast)
+    assert cfg == fast.replace(cache={"interval": 2})
+    assert web_controls.changes(knobs, cfg, fast) == ["cache.interval 2"]
+    every = web_controls.values_from_config(knobs, accel.Config())  # the page sends every knob: they win
+    assert web_controls.config_over(knobs, every, fast) == accel.Config()
+
+
+def test_stop_flags_the_runs_of_its_session_and_those_it_queued():
+    import threading
+
+    from accel.app.web_stop import Runs
+
+    runs, mine, other = Runs(), threading.Event(), threading.Event()
+    with runs.track("page-1", mine, time.monotonic()), runs.track("page-2", other, time.monotonic()):
+        assert runs.stop("page-1") == 1
+    assert mine.is_set() and not other.is_set()
+    queued = threading.Event()  # joined the queue before Stop was pressed: stops as it starts
+    with runs.track("page-1", queued, time.monotonic() - 60):
+        assert queued.is_set()
+    later = threading.Event()
+    with runs.track("page-1", later, time.monotonic()):
+        assert not later.is_set()
 
 
 def test_a_new_field_appears_as_a_control_without_app_changes():
