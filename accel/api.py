@@ -23,7 +23,8 @@ from .patching import Ledger
 from .tracking import StepTracker
 
 # (Config section, subpackage) in application order.
-TECHNIQUES = (("attention", "accel.attention"), ("tokens", "accel.tokens"), ("cache", "accel.cache"))
+TECHNIQUES = (("approx", "accel.approx"), ("attention", "accel.attention"), ("tokens", "accel.tokens"),
+              ("cache", "accel.cache"))
 
 _STATE_ATTR = "_accel"
 

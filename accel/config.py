@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .approx.config import PRESETS as _APPROX_PRESETS
+from .approx.config import ApproxCacheConfig
 from .attention.config import PRESETS as _ATTENTION_PRESETS
 from .attention.config import AttentionConfig
 from .cache.config import PRESETS as _CACHE_PRESETS
@@ -22,7 +24,8 @@ from .tokens.config import PRESETS as _TOKEN_PRESETS
 from .tokens.config import TokenConfig
 
 # section name -> that technique's preset table: {preset: {family or "*": dict of fields}}
-_SECTION_PRESETS = {"cache": _CACHE_PRESETS, "tokens": _TOKEN_PRESETS, "attention": _ATTENTION_PRESETS}
+_SECTION_PRESETS = {"cache": _CACHE_PRESETS, "tokens": _TOKEN_PRESETS, "attention": _ATTENTION_PRESETS,
+                    "approx": _APPROX_PRESETS}
 # The order users meet them in: from exact to most aggressive.
 PRESET_ORDER = ("off", "safe", "balanced", "fast", "max")
 
@@ -34,6 +37,8 @@ class Config(ConfigBase):
     cache: CacheConfig = spec(None, factory=CacheConfig, help="step caching")
     tokens: TokenConfig = spec(None, factory=TokenConfig, help="token merging / pruning")
     attention: AttentionConfig = spec(None, factory=AttentionConfig, help="sparse attention")
+    approx: ApproxCacheConfig = spec(None, factory=ApproxCacheConfig,
+                                     help="approximate caching across calls (NIRVANA): start from a similar prompt")
 
     @property
     def enabled(self) -> bool:

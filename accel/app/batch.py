@@ -54,9 +54,11 @@ SETTINGS = {
     "video_format": (str, "mp4", "mp4 (H.264) or gif"),
     "device": (str, None, "cuda, cpu, ... (default: cuda if present, one GPU per rank)"),
     "dtype": (str, "auto", "float32, bfloat16, float16 or auto"),
+    "approx_cache": (str, None, "folder of the approximate cache (NIRVANA): a row whose prompt is close to an "
+                                "earlier row's starts from that row's stored latent and skips its first steps"),
 }
 _CHOICES = {"image_format": ("png", "webp"), "video_format": ("mp4", "gif")}
-_CONFIG_SECTIONS = ("cache", "tokens", "attention")
+_CONFIG_SECTIONS = ("cache", "tokens", "attention", "approx")
 _PARALLEL_SECTION = "parallel"  # a config file's ParallelConfig table (accel.app.generation.parallel_config)
 
 
@@ -115,6 +117,8 @@ def settings_from_args(args) -> Settings:
             v = _convert(name, typ, file_batch[name], args.config)
         values[name] = default if v is None else v
     values["model"] = values["model"] or DEFAULT_MODEL
+    if values["approx_cache"]:  # the approx section's folder; the file's other approx fields still apply
+        sections = _merge(sections, {"approx": {"dir": values["approx_cache"]}})
     if not values["out"]:
         raise UsageError("--out: give the output folder (or `out` in the config file's [batch] table)")
     from .generation import parallel_config
@@ -539,6 +543,9 @@ def _generate_one(job: Job, ctx: _Context, signals, writer, run, rank) -> dict:
         record = {"event": "row", "status": "ok", "name": job.stem, "output": out.name, "index": job.row.index,
                   "line": job.row.line, "id": job.row.id, "request": job.key, "size": size, "sha256": sha,
                   "seconds": round(generate_s + save_s, 4), "rank": rank, "run": run}
+        approx = side["stats"].get("approx")
+        if approx:  # the row started from a cached latent (hit), or ran fully and stored its own
+            record["approx"] = {k: approx.get(k) for k in ("hit", "similarity", "skipped_steps", "entry", "stored")}
         writer.write(record)
     return record
 

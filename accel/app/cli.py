@@ -282,6 +282,9 @@ def _compare(args, pipe, cfg, family, make_kw, out: Path, load_s: float) -> int:
 
     stats: dict = {}
     pipe.set_progress_bar_config(disable=True)  # six runs: one report at the end instead of six bars
+    if cfg.approx.enabled:  # the repeats would hit the entry the warm-up stored: a speed-up of a self-match
+        print("accel: --compare runs without the approximate cache (approx.dir): it measures one call's techniques")
+        cfg = cfg.replace(approx={"dir": ""})
 
     def run():
         try:

@@ -43,7 +43,7 @@ from .web_stop import Runs
 
 def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits | None = None,
               out_dir: str | os.PathLike = "outputs/app", workers: int = 1, allow_model_paths: bool = False,
-              group=None):
+              group=None, approx_cache: str | None = None):
     """The web app as a ``gr.Blocks`` (queued; call `serve` or ``.launch`` on it).
 
     Args:
@@ -54,6 +54,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
         out_dir: where outputs, sidecars and configs go; the only folder the server reads files from.
         workers: pipelines to load with a loader; the queue runs one request per pipeline.
         group: rank 0's `accel.app.web_group.Leader` when a parallel worker group serves the one pipeline.
+        approx_cache: the approximate cache's folder (`accel.ApproxCacheConfig.dir`) every Generate uses.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -61,7 +62,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
     import accel
 
     engine = Engine(pipe_or_loader, model_name, limits=limits, out_dir=out_dir, workers=workers, group=group,
-                    allow_model_paths=allow_model_paths)
+                    allow_model_paths=allow_model_paths, approx_cache=approx_cache)
     lim = engine.limits
     d = engine.defaults()
     family, video = engine.primary.family, engine.primary.video
@@ -268,6 +269,9 @@ def add_parser(subparsers) -> None:
     for flag, name in FLAGS.items():
         p.add_argument(flag, type=_positive_int, default=None, dest=name,
                        help=f"{Limits.field_help()[name]} (default {getattr(Limits(), name)})")
+    p.add_argument("--approx-cache", default=None, metavar="DIR",
+                   help="approximate cache folder (NIRVANA): Generate starts a prompt close to an earlier one from "
+                        "its stored latent and skips its first steps (Compare runs without it)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--parallel", default=None, metavar="FIELD=VALUE,...",
@@ -347,7 +351,7 @@ def _serve_app(args, loader, model: str, limits, workers: int, group=None) -> in
 
     check_writable(out_dir / "x.png")
     demo = build_app(loader, model, limits=limits, out_dir=out_dir, workers=workers,
-                     allow_model_paths=args.allow_model_paths, group=group)
+                     allow_model_paths=args.allow_model_paths, group=group, approx_cache=args.approx_cache)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"accel app: serving on {args.host}: anyone who can reach this address can generate "
               "(limits still apply)")

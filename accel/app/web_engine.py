@@ -95,12 +95,15 @@ class Engine:
         allow_model_paths: let requests name other models (hub ids, folders); off by default.
         group: on rank 0 of a parallel worker group, its `accel.app.web_group.Leader`: every
             action on the (one) pipeline is mirrored to the other ranks first.
+        approx_cache: the approximate cache's folder for Generate. Compare runs without it: a repeat of
+            the same prompt would hit the entry its own warm-up stored and report that as a speed-up.
     """
 
     def __init__(self, pipe_or_loader, model_name: str, *, limits: Limits | None = None,
                  out_dir: str | Path = "outputs/app", workers: int = 1, allow_model_paths: bool = False,
-                 group=None):
+                 group=None, approx_cache: str | None = None):
         self.model_name = model_name
+        self.approx_cache = approx_cache
         self.group = group
         self.limits = limits or Limits()
         self.out_dir = Path(out_dir).resolve()
@@ -189,6 +192,8 @@ class Engine:
         self._use_model(worker, req.model or self.model_name)
         pipe = worker.pipe
         result = Result(mode=mode, seed=req.seed, outputs=[])
+        if self.approx_cache and mode != "compare":
+            config = config.replace(approx={"dir": self.approx_cache})
 
         def remove():
             self._mirror("remove")

@@ -26,6 +26,10 @@ def engaged(stats: dict) -> list[str]:
     if tokens.get("average_removed"):
         out.append(f"token reduction removed {tokens.get('realised_ratio', 0):.0%} of the tokens in "
                    f"{tokens.get('reduced_blocks', 0)} blocks")
+    approx = stats.get("approx") or {}
+    if approx.get("hit"):
+        out.append(f"approximate cache started from a stored latent of a similar prompt (similarity "
+                   f"{approx['similarity']:.3f}), skipping {approx['skipped_steps']} of {approx['total_steps']} steps")
     attention = stats.get("attention") or {}
     if attention.get("sparse_calls"):
         out.append(f"sparse attention ran {attention['sparse_calls']} calls at density "

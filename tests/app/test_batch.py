@@ -275,3 +275,29 @@ def test_two_ranks_do_every_row_exactly_once(tmp_path, capfd):
         assert {r["index"] for r in ok if r["rank"] == rank} == {i for i in range(5) if i % 2 == rank}
     assert len(_outputs(out)) == 5 and not list(out.glob("manifest.rank*.jsonl"))  # merged into manifest.jsonl
     assert "5 rows: 5 generated, 0 already done, 0 failed" in capfd.readouterr().out  # rank 0 sums all ranks
+
+
+def test_approx_cache_rows_record_hits_and_resume_keeps_its_guarantees(tmp_path):
+    """`--approx-cache DIR`: a row repeating an earlier row's prompt starts from its stored latent; the manifest
+    line and the sidecar say so. Without the flag the same rows run fully, and a resume skips the done rows."""
+    rows = [{"prompt": "a red cat", "steps": 5}, {"prompt": "a blue dog", "steps": 5},
+            {"prompt": "a red cat", "steps": 5, "seed": 9}]
+    prompts = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    on = ("--approx-cache", str(cache), "--preset", "off", "--set", "approx.similarity=[0.999]",
+          "--set", "approx.skip=[0.4]")  # the random tiny text encoder finds every prompt alike: exact matches only
+    assert _batch(prompts, out, *on) == 0
+    recs = sorted(_row_records(out), key=lambda r: r["index"])
+    assert [r["approx"]["hit"] for r in recs] == [False, False, True]
+    assert recs[2]["approx"]["skipped_steps"] == 2 and recs[2]["approx"]["similarity"] == pytest.approx(1.0)
+    assert recs[0]["approx"]["stored"] and recs[2]["approx"]["entry"] == recs[0]["approx"]["entry"]
+    side = json.loads((out / f"{recs[2]['output']}.json").read_text())
+    assert side["config"]["approx"]["dir"] == str(cache) and side["stats"]["approx"]["hit"]
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    # a resume generates nothing: every row is verifiably done for the same request (cache on)
+    assert _batch(prompts, out, *on) == 0
+    assert len(_row_records(out)) == 3
+    # without the cache the request differs (its config), so the rows run again, fully
+    plain = tmp_path / "plain"
+    assert _batch(prompts, plain, "--preset", "off") == 0
+    assert all("approx" not in r for r in _row_records(plain))

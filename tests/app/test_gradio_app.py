@@ -456,3 +456,25 @@ def test_allow_model_paths_lets_requests_load_other_models(image_app, tmp_path):
     with pytest.raises(InputError, match="unknown model '/no/such/model'"):
         engine.run(engine.parse(prompt="x", model="/no/such/model"), accel.Config())
     assert made[-1] == "tiny-sd15" and engine.primary.family == "sd15"  # back to the served model
+
+
+def test_approx_cache_serves_generate_and_not_compare(tiny_cache, tmp_path):
+    """`accel app --approx-cache DIR`: Generate stores and then starts a repeated prompt from its entry; Compare
+    runs without the cache (its repeats would hit the entry its own warm-up stored)."""
+    from accel.app.web_engine import Engine
+
+    pipe = tiny_cache("sd15")
+    engine = Engine(pipe, "tiny-sd15", limits=LIMITS, out_dir=tmp_path / "out", approx_cache=str(tmp_path / "c"))
+    config = accel.Config.from_dict({"approx": {"similarity": [0.999], "skip": [0.5]}})  # exact repeats only
+    req = engine.parse(prompt="a red cat", steps=6, seed=3)
+    try:
+        first = engine.run(req, config)
+        assert first.stats["approx"]["stored"] and not first.stats["approx"]["hit"]
+        again = engine.run(req, config)
+        assert again.stats["approx"]["hit"] and again.stats["approx"]["skipped_steps"] == 3
+        side = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+        assert side["config"]["approx"]["dir"] == str(tmp_path / "c")
+        compared = engine.run(req, config, mode="compare")
+        assert "approx" not in compared.stats and compared.metrics["engaged"] == []
+    finally:
+        accel.remove(pipe)
