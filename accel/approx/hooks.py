@@ -131,7 +131,9 @@ class ApproxHandle:
                 raise RuntimeError(f"approximate cache: entry {plan.match.entry.id} holds a latent of shape "
                                    f"{tuple(stored.shape)} for a call whose latents are {tuple(fresh.shape)}; the "
                                    "scope missed what makes them differ. Clear approx.dir and report this model.")
-            stored = stored.to(device=fresh.device, dtype=fresh.dtype)
+            # the dtype the loop held at step K (a scheduler may return the model's dtype, e.g. bf16, from
+            # fp32 starting latents): casting to the fresh latents' dtype would change the remaining steps
+            stored = stored.to(device=fresh.device)
             return (stored, *out[1:]) if isinstance(out, tuple) else stored
         return prepare_latents
 

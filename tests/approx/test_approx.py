@@ -234,3 +234,15 @@ def test_calibration_measures_pairs_and_the_table_follows_the_judge(tiny_cache):
                                   (1.0, 0.2, True), (0.9, 0.2, True), (0.8, 0.2, True), (0.7, 0.2, True)]]
     assert table(synthetic, min_pairs=3) == ((0.85, 0.7), (0.5, 0.2))
     assert table(synthetic, min_pairs=3, min_psnr=31.0) == ((), ())
+
+
+def test_a_bf16_hit_resumes_in_the_dtype_the_loop_held(tmp_path):
+    """HunyuanVideo starts from fp32 latents and its scheduler returns the model's bf16: the stored latent comes
+    back as bf16, not cast to the fresh latents' fp32 (which changed every remaining step)."""
+    pipe = tiny.make("hunyuanvideo", dtype=torch.bfloat16)
+    full = run(pipe, "hunyuanvideo", num_inference_steps=STEPS)
+    accel.apply(pipe, _approx(tmp_path))
+    run(pipe, "hunyuanvideo", num_inference_steps=STEPS)
+    hit = run(pipe, "hunyuanvideo", num_inference_steps=STEPS)
+    assert accel.stats(pipe)["approx"]["hit"]
+    np.testing.assert_array_equal(hit, full)
