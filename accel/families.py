@@ -49,6 +49,10 @@ class Family:
     text_position: str | None = None  # joint attention: "first" or "last"; None: text kept apart
     grid: Callable = field(default=None, repr=False)  # (module, inputs) -> (frames, height, width)
     pipelines: tuple[str, ...] = ()  # pipeline classes tested with this family
+    # DiT: forward inputs the denoiser adds to the hidden states between its blocks (ControlNet residuals).
+    # A step cache that reuses a span of blocks must keep them out of what it caches: the forward adds
+    # the current step's values again when the span is skipped.
+    between_blocks: tuple[str, ...] = ()
 
 
 def _tokens_grid_4d(patch_attr: str = "patch_size"):
@@ -81,9 +85,12 @@ def _grid_flux(module, inputs):
             return seen[2]
         rows = ids[0] if ids.ndim == 3 else ids
         # Documented host sync (once per img_ids tensor): the grid sets shapes, and only the ids hold it.
-        h, w = (int(v) + 1 for v in rows[:, 1:3].amax(0).tolist())
-        seen[:] = [weakref.ref(ids), ids._version, (1, h, w)]
-        return (1, h, w)
+        # Coordinate 0 numbers the images in the sequence: Flux Kontext appends its reference image's
+        # tokens with 0 -> 1, so an output and a same-size reference read as two frames of one grid (a
+        # reference of another size matches no grid, and the techniques leave those calls whole).
+        f, h, w = (int(v) + 1 for v in rows[:, 0:3].amax(0).tolist())
+        seen[:] = [weakref.ref(ids), ids._version, (f, h, w)]
+        return (f, h, w)
     n = inputs["hidden_states"].shape[1]
     side = int(round(n ** 0.5))
     return (1, side, n // side)
@@ -113,22 +120,27 @@ def _grid_ltx(module, inputs):
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd15", "Stable Diffusion 1.x / 2.x", ("UNet2DConditionModel",), "unet", False,
-           grid=_grid_unet, pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")),
+           grid=_grid_unet, pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                                         "StableDiffusionInpaintPipeline", "StableDiffusionControlNetPipeline")),
     Family("sdxl", "Stable Diffusion XL", ("UNet2DConditionModel",), "unet", False,
-           grid=_grid_unet, pipelines=("StableDiffusionXLPipeline",)),
+           grid=_grid_unet, pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                                         "StableDiffusionXLInpaintPipeline")),
     Family("animatediff", "AnimateDiff (motion UNet)", ("UNetMotionModel",), "unet", True,
-           grid=_grid_unet, pipelines=("AnimateDiffPipeline",)),
+           grid=_grid_unet, pipelines=("AnimateDiffPipeline", "AnimateDiffVideoToVideoPipeline")),
     Family("flux", "Flux.1", ("FluxTransformer2DModel",), "dit", False,
            ("transformer_blocks", "single_transformer_blocks"), "first", _grid_flux,
-           ("FluxPipeline", "FluxImg2ImgPipeline")),
+           ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline", "FluxFillPipeline",
+            "FluxControlNetPipeline"),
+           between_blocks=("controlnet_block_samples", "controlnet_single_block_samples")),
     Family("sd3", "Stable Diffusion 3 / 3.5", ("SD3Transformer2DModel",), "dit", False,
-           ("transformer_blocks",), "last", _tokens_grid_4d(), ("StableDiffusion3Pipeline",)),
+           ("transformer_blocks",), "last", _tokens_grid_4d(), ("StableDiffusion3Pipeline",),
+           between_blocks=("block_controlnet_hidden_states",)),
     Family("pixart", "PixArt-Sigma / Alpha", ("PixArtTransformer2DModel",), "dit", False,
            ("transformer_blocks",), None, _tokens_grid_4d(), ("PixArtSigmaPipeline",)),
     Family("cogvideox", "CogVideoX", ("CogVideoXTransformer3DModel",), "dit", True,
-           ("transformer_blocks",), "first", _grid_cogvideox, ("CogVideoXPipeline",)),
+           ("transformer_blocks",), "first", _grid_cogvideox, ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline")),
     Family("wan", "Wan 2.1 / 2.2", ("WanTransformer3DModel",), "dit", True,
-           ("blocks",), None, _grid_5d(lambda c: tuple(c.patch_size)), ("WanPipeline",)),
+           ("blocks",), None, _grid_5d(lambda c: tuple(c.patch_size)), ("WanPipeline", "WanImageToVideoPipeline")),
     Family("ltx", "LTX-Video", ("LTXVideoTransformer3DModel",), "dit", True,
            ("transformer_blocks",), None, _grid_ltx, ("LTXPipeline",)),
     Family("hunyuanvideo", "HunyuanVideo", ("HunyuanVideoTransformer3DModel",), "dit", True,

@@ -4,10 +4,18 @@ Techniques never patch a module directly: they ask the ledger, which records the
 `remove` can put back exactly what was there (an instance attribute that did not exist is
 deleted, not set to its old class value; a diffusers `HookRegistry` we created is dropped
 whole). Only instances are touched, never classes.
+
+Hooks live inside accelerate's: `enable_model_cpu_offload`, `enable_sequential_cpu_offload` and
+device maps wrap a module's ``forward`` with accelerate's hook, which calls ``module._old_forward``,
+and model offloading unwraps and rewraps every model at the end of each pipeline call. A diffusers
+hook registered over accelerate's wrapper would be unwrapped with it after the first call, and one
+removed from under it would take accelerate's wrapper along. So where accelerate's hook is present
+(`_forward_slot`), our registry wraps and unwraps ``_old_forward``, whichever of the two came first.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -60,19 +68,20 @@ class Ledger:
     def add_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         """Register a diffusers hook; undo removes it and, if we created the registry, the registry."""
         had_registry = "_diffusers_hook" in module.__dict__
-        had_forward = module.__dict__.get("forward", _MISSING)
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.register_hook(hook, name)
+        with _forward_slot(module):
+            had_forward = module.__dict__.get("forward", _MISSING)
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(hook, name)
         registry.invalidate_child_registries_cache()
 
         def undo():
-            registry.remove_hook(name, recurse=False)
-            if not registry.hooks:
+            with _forward_slot(module):
+                registry.remove_hook(name, recurse=False)
                 # HookRegistry leaves the original bound method as an instance attribute.
-                if had_forward is _MISSING:
+                if not registry.hooks and had_forward is _MISSING:
                     module.__dict__.pop("forward", None)
-                if not had_registry:
-                    module.__dict__.pop("_diffusers_hook", None)
+            if not registry.hooks and not had_registry:
+                module.__dict__.pop("_diffusers_hook", None)
             # A parent's cached list of child registries may still name this one.
             for m in module.modules():
                 if "_diffusers_hook" in m.__dict__:
@@ -94,3 +103,38 @@ class Ledger:
                 errors.append(e)
         if errors:
             raise RuntimeError(f"accel.remove: {len(errors)} undo step(s) failed; first: {errors[0]!r}") from errors[0]
+
+
+@contextlib.contextmanager
+def _forward_slot(module: torch.nn.Module):
+    """Within: ``module.forward`` is the forward that accelerate's hook on ``module`` calls, if it has one.
+
+    accelerate (`add_hook_to_module`) keeps the wrapped forward in ``module._old_forward`` and its own
+    wrapper in ``module.forward``; the wrapper reads ``_old_forward`` at every call, so a registry
+    (un)registered in here sits inside it, and stays there when model offloading unwraps and rewraps.
+    """
+    d = module.__dict__
+    if "_hf_hook" not in d or "_old_forward" not in d:
+        yield
+        return
+    outer = d.get("forward", _MISSING)
+    d["forward"] = d["_old_forward"]
+    try:
+        yield
+    finally:
+        inner = d.pop("forward", _MISSING)
+        # popped: the class's own forward, bound as accelerate binds it
+        d["_old_forward"] = module.forward if inner is _MISSING else inner
+        if outer is not _MISSING:
+            d["forward"] = outer
+
+
+@contextlib.contextmanager
+def forward_slots(root: torch.nn.Module):
+    """`_forward_slot` for ``root`` and every submodule: for code that registers diffusers hooks itself
+    (diffusers' ``enable_cache``)."""
+    with contextlib.ExitStack() as stack:
+        for m in root.modules():
+            if "_hf_hook" in m.__dict__:
+                stack.enter_context(_forward_slot(m))
+        yield

@@ -159,7 +159,9 @@ REASONS = {
                         "lower min_tokens to use it at this size",
     "one_block": "the video grid fits in one block, so there is nothing to skip; lower attention.block_size",
     "grid_lost": "the attention input does not match the video token grid: a technique that changes the token "
-                 "sequence ran first (token reduction); sparse attention and token reduction do not stack, use one",
+                 "sequence ran first (token reduction; sparse attention and token reduction do not stack, use one), "
+                 "or the pipeline adds tokens outside the grid (a Flux Kontext reference image of another size "
+                 "than the output)",
     "not_self_attention": "not full self/joint attention over the grid (cross-attention shapes, causal, dropout, "
                           "or a mask other than a text key-padding mask)",
 }

@@ -12,6 +12,13 @@ Per denoiser forward (one stream step, see `state.py`):
    over the last full steps (TaylorSeer); computed: the span runs and its residual is stored;
 4. the last ``compute_last_n`` blocks always run (DBCache's Bn), correcting the reused span.
 
+What the denoiser's own forward adds between two blocks (Flux's and SD3's ControlNet residuals, the
+family's ``between_blocks`` inputs) is not the blocks' work: a reused step runs the forward, which
+adds the current step's values again. So when such an input is given, a full step caches the sum
+of the span's per-block residuals (each block's output minus its own input) rather than the span's
+output minus its input, which would carry the full step's ControlNet residuals into every reused
+step on top of the current ones.
+
 Host syncs and torch.compile: a threshold decision reads one scalar per forward on the host (the
 relative L1 change; skipping work is host control flow, so it cannot stay on the device); the
 fixed schedule reads none (tests/cache/test_cache_compile.py counts them). Every read and write of
@@ -28,7 +35,7 @@ from diffusers.hooks import ModelHook
 
 from ..config_base import ConfigError
 from ..families import Adapter, bind, block_io, forward_params
-from .state import BeginForwardHook, Streams, fingerprint, fixed_schedule_reuses, relative_l1, settle, state_key
+from .state import Streams, fingerprint, fixed_schedule_reuses, relative_l1, settle, state_key
 
 HOOK_DENOISER = "accel.cache.block.denoiser"
 HOOK_PROBE_START = "accel.cache.block.probe_start"
@@ -58,9 +65,11 @@ class BlockCache:
         self.span = blocks[n:len(blocks) - m]
         self.part = f"{adapter.component or 'denoiser'}.{self.span[0][0]}..{self.span[-1][0]}"
         self.current = None  # (key, StreamState) of the forward in flight
+        # True while the forward in flight was given a `between_blocks` input: residuals kept per block
+        self.per_block = False
 
     def install(self, ledger) -> None:
-        ledger.add_hook(self.adapter.module, BeginForwardHook(self), HOOK_DENOISER)
+        ledger.add_hook(self.adapter.module, _BeginForward(self), HOOK_DENOISER)
         if self.cfg.threshold > 0:
             ledger.add_hook(self.first[0][1], _ProbeStart(self), HOOK_PROBE_START)
         ledger.add_hook(self.first[-1][1], _ProbeEnd(self), HOOK_PROBE_END)
@@ -70,9 +79,10 @@ class BlockCache:
 
     # --- decision ---------------------------------------------------------------------------
     @torch.compiler.disable  # host-side counters: no graph specialised on them
-    def begin_forward(self) -> None:
+    def begin_forward(self, per_block: bool = False) -> None:
         key = state_key(self.tracker.state)
         self.current = (key, self.streams.begin(key))
+        self.per_block = per_block
 
     # Everything that reads or writes the per-stream state runs on the host, outside torch.compile
     # graphs (each is a graph break): dynamo would otherwise replay these dict mutations against the
@@ -116,6 +126,24 @@ class BlockCache:
         self.store(st, (h_out - h_in, e_res))
         if self.streams.trace is not None:
             self.streams.record(key, st.step, "store", fingerprint(h_out - h_in))
+
+    @torch.compiler.disable
+    def block_done(self, h_in, e_in, h_out, e_out, last: bool) -> None:
+        """Per-block mode (see the module docstring): add one span block's own residual to the sum; the
+        span's last block stores the sum as the span's residual."""
+        key, st = self.current
+        h_res = h_out - h_in
+        e_res = None if e_out is None or e_in is None else e_out - e_in
+        acc = st.data.pop("acc", None)
+        if acc is not None:
+            h_res = acc[0] + h_res
+            e_res = None if e_res is None or acc[1] is None else acc[1] + e_res
+        if not last:
+            st.data["acc"] = (h_res, e_res)
+            return
+        self.store(st, (h_res, e_res))
+        if self.streams.trace is not None:
+            self.streams.record(key, st.step, "store", fingerprint(h_res))
 
     @torch.compiler.disable
     def residual(self) -> tuple:
@@ -162,6 +190,24 @@ class BlockCache:
         return tuple(out)
 
 
+class _BeginForward(ModelHook):
+    """On the denoiser: a forward starts; says whether it was given a `between_blocks` input."""
+
+    def __init__(self, cache: BlockCache):
+        super().__init__()
+        self.cache = cache
+        self.names = cache.adapter.family.between_blocks
+        self.params = forward_params(type(cache.adapter.module)) if self.names else ()
+
+    def pre_forward(self, module, *args, **kwargs):
+        per_block = False
+        if self.names:
+            inputs = bind(self.params, args, kwargs)
+            per_block = any(inputs.get(n) is not None for n in self.names)
+        self.cache.begin_forward(per_block)
+        return args, kwargs
+
+
 class _ProbeStart(ModelHook):
     def __init__(self, cache: BlockCache):
         super().__init__()
@@ -202,12 +248,15 @@ class _SpanHook(ModelHook):
         inputs = bind(self.params, args, kwargs)
         hidden, encoder = inputs["hidden_states"], inputs.get("encoder_hidden_states")
         if not self.cache.current[1].reuse or self.layout is _UNSEEN:
-            if self.first:
+            per_block = self.cache.per_block
+            if self.first and not per_block:
                 self.cache.keep("span_in", (hidden, encoder))
             output = self.fn_ref.original_forward(*args, **kwargs)
             self.layout = (len(output), self.io[1] is None or output[self.io[1]] is None) \
                 if isinstance(output, tuple) else None
-            if self.last:
+            if per_block:
+                self.cache.block_done(hidden, encoder, *self._split(output), last=self.last)
+            elif self.last:
                 self.cache.span_done(*self._split(output))
             return output
         if self.last:

@@ -11,7 +11,9 @@ pipeline:
 - the timestep the PAB/FasterCache hooks ask for, from the tracker;
 - counts of executed vs skipped blocks and attention calls, for `accel.stats`;
 - an exact undo: ``disable_cache`` leaves registries, ``forward`` attributes and ``_cache_config``
-  on the instances, which we remove again.
+  on the instances, which we remove again;
+- a refusal of FirstBlockCache and MagCache with a ControlNet (Flux, SD3): they would add the ControlNet
+  residuals twice in reused steps (see `_SPAN_RESIDUAL`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import inspect
 from diffusers.hooks import ModelHook
 
 from ..config_base import ConfigError
-from ..families import Adapter
+from ..families import Adapter, bind_inputs
+from ..patching import forward_slots
 from .state import Streams, state_key
 
 HOOK_CONTEXT = "accel.cache.diffusers.context"
@@ -30,6 +33,16 @@ HOOK_COUNT = "accel.cache.diffusers.count"
 # FasterCache splits frames by tensor layout; (B, C, F, H, W) unless listed.
 _TENSOR_FORMAT = {"cogvideox": "BFCHW", "flux": "BCHW", "sd3": "BCHW", "pixart": "BCHW"}
 _DISTILLED = ("flux",)  # guidance embedded: no unconditional pass for FasterCache to skip
+# Caches that reuse the residual of a span of blocks measured as its output minus its input: that
+# includes what the forward adds between the span's blocks (ControlNet residuals, the family's
+# `between_blocks` inputs), which a reused step then adds twice. Our 'block' method keeps them apart.
+_SPAN_RESIDUAL = ("diffusers.first_block", "diffusers.mag")
+
+
+def _refuse_between_blocks(method: str, module, where: str):
+    raise ConfigError(f"cache.method: {method} with a ControlNet ({where}) on {type(module).__name__}: diffusers' "
+                      "cache keeps the ControlNet residuals added between blocks in its cached residual and adds "
+                      "them twice in every reused step; use method 'block', which keeps them apart")
 
 
 def _progress_timestep(tracker) -> float:
@@ -88,6 +101,9 @@ class DiffusersCache:
                 f"cache.method: {cfg.method} needs a denoiser with diffusers' CacheMixin; "
                 f"{type(module).__name__} ({family}) has none; use method 'block' or 'auto'")
         self.adapter, self.cfg, self.tracker, self.streams = adapter, cfg, tracker, streams
+        self.between_blocks = adapter.family.between_blocks if cfg.method in _SPAN_RESIDUAL else ()
+        if self.between_blocks and getattr(tracker.pipe, "controlnet", None) is not None:
+            _refuse_between_blocks(cfg.method, module, type(tracker.pipe).__name__)
         self.config = make_config(cfg.method, cfg, family, tracker)
         self.blocks = [b for _, b in adapter.blocks()]
         self.attention = [s.module for s in adapter.attention()]
@@ -103,23 +119,26 @@ class DiffusersCache:
             ledger.add_hook(b, _Count(self.ran, "blocks"), HOOK_COUNT)
         for a in self.attention:
             ledger.add_hook(a, _Count(self.ran, "attention"), HOOK_COUNT)
-        before = {id(m): ("_diffusers_hook" in m.__dict__, "forward" in m.__dict__) for m in module.modules()}
         had_cache_config = "_cache_config" in module.__dict__
-        module.enable_cache(self.config)
+        # inside accelerate's offload hooks, where the ledger puts ours (patching.py)
+        with forward_slots(module):
+            before = {id(m): ("_diffusers_hook" in m.__dict__, "forward" in m.__dict__) for m in module.modules()}
+            module.enable_cache(self.config)
 
         def undo():
-            module.disable_cache()
+            with forward_slots(module):
+                module.disable_cache()
+                for m in module.modules():
+                    had_registry, had_forward = before.get(id(m), (False, False))
+                    reg = m.__dict__.get("_diffusers_hook")
+                    if reg is None or reg.hooks:
+                        continue
+                    if not had_forward:  # an emptied registry leaves the bound method behind
+                        m.__dict__.pop("forward", None)
+                    if not had_registry:
+                        m.__dict__.pop("_diffusers_hook", None)
             if not had_cache_config:
                 module.__dict__.pop("_cache_config", None)
-            for m in module.modules():
-                had_registry, had_forward = before.get(id(m), (False, False))
-                reg = m.__dict__.get("_diffusers_hook")
-                if reg is None or reg.hooks:
-                    continue
-                if not had_forward:  # an emptied registry leaves the bound method behind
-                    m.__dict__.pop("forward", None)
-                if not had_registry:
-                    m.__dict__.pop("_diffusers_hook", None)
 
         ledger.on_undo(undo)
         # After enable_cache: outside diffusers' denoiser-level hooks, inside the tracker's.
@@ -176,6 +195,11 @@ class _Context(ModelHook):
             raise ConfigError("cache.method: diffusers.faster skips the unconditional half of a batched "
                               f"[uncond, cond] call, but this {type(module).__name__} pipeline runs cond and "
                               "uncond as separate calls; use 'diffusers.pab' or 'block'")
+        if cache.between_blocks:
+            given = bind_inputs(module, args, kwargs)
+            added = [n for n in cache.between_blocks if given.get(n) is not None]
+            if added:
+                _refuse_between_blocks(cache.cfg.method, module, f"{added[0]} given")
         try:
             # The tracker knows whether the pipeline entered its own cache_context around this call.
             if cache.tracker.context_name is not None:

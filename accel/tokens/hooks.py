@@ -177,7 +177,7 @@ class DiTBlockHook(ModelHook):
         if not n or int(n * ratio) <= 0 or not ts.level_allowed(n) or (grid is None and ts.cfg.method != "prune"):
             ts.record(self.name, n, 0)
             if ts.cfg.method == "prune":
-                ts.prune_cache.pop(self._cache_key(), None)
+                ts.prune_drop(self.name)
             return original(*args, **kwargs)
         method = ts.cfg.method
         if method == "prune":
@@ -197,31 +197,22 @@ class DiTBlockHook(ModelHook):
         y = blockio.image_output(out, self.output_index)
         return blockio.with_image_output(out, self.output_index, x + m.unmerge(y - xm))
 
-    def _cache_key(self):
-        s = self.ts.tracker.state
-        return (self.name, s.component, s.branch, s.call_in_step)
-
     def _prune(self, module, original, args, kwargs, x, n, ratio):
-        ts, key = self.ts, self._cache_key()
+        ts = self.ts
         keep_n = n - int(n * ratio)
-        entry = ts.prune_cache.get(key)
-        full = (entry is None or entry["x"].shape != x.shape or entry["runs"] % ts.cfg.refresh_interval == 0
-                or keep_n >= n)
-        if full:
+        cached_x = ts.prune_cached_input(self.name, x, keep_n)
+        if cached_x is None:  # a full run: every token computed, the cache refreshed
             out = original(*args, **kwargs)
-            y = blockio.image_output(out, self.output_index)
-            ts.prune_cache[key] = {"x": x.detach().clone(), "delta": (y - x).detach(), "runs": 1}
+            ts.prune_store(self.name, x, blockio.image_output(out, self.output_index))
             ts.record(self.name, n, 0)
             return out
-        sel = matching.top_changed(x, entry["x"], keep_n)
+        sel = matching.top_changed(x, cached_x, keep_n)
         ba = blockio.BlockArgs(module, args, kwargs)
         text_len, where = ts.text()
         blockio.reduce_inputs(ba, sel, n, text_len, where, lambda t: t.index_select(1, sel.to(t.device)))
         xs = ba.get("hidden_states")
         out = ba.call(original)
         ys = blockio.image_output(out, self.output_index)
-        entry["delta"].index_copy_(1, sel, (ys - xs).detach())
-        entry["x"].index_copy_(1, sel, xs.detach())
-        entry["runs"] += 1
+        delta = ts.prune_update(self.name, sel, xs, ys)
         ts.record(self.name, n, n - keep_n)
-        return blockio.with_image_output(out, self.output_index, x + entry["delta"])
+        return blockio.with_image_output(out, self.output_index, x + delta)

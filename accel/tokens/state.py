@@ -67,11 +67,49 @@ class TokenState:
     def text(self) -> tuple[int, str | None]:
         return self.tracker.state.text_len, self.family.text_position
 
+    # Host-side bookkeeping (counters, the step's merge cache): outside torch.compile graphs, where dynamo
+    # would guard on the counters and the step and recompile at every step.
+    @torch.compiler.disable
     def record(self, block: str, n: int, removed: int) -> None:
         c = self.counts[block]
         c[0] += 1
         c[1] += n
         c[2] += removed
+
+    # --- prune's cache (per block, denoiser, CFG branch and call slot); host state, as `record` ----
+    def _prune_key(self, block: str) -> tuple:
+        s = self.tracker.state
+        return (block, s.component, s.branch, s.call_in_step)
+
+    @torch.compiler.disable
+    def prune_cached_input(self, block: str, x: torch.Tensor, keep_n: int) -> torch.Tensor | None:
+        """The input the block's cached update was computed from, or None when this run computes every
+        token (nothing cached for this shape, a refresh run, or nothing to skip)."""
+        entry = self.prune_cache.get(self._prune_key(block))
+        n = x.shape[1]
+        if entry is None or entry["x"].shape != x.shape or entry["runs"] % self.cfg.refresh_interval == 0 \
+                or keep_n >= n:
+            return None
+        return entry["x"]
+
+    @torch.compiler.disable
+    def prune_store(self, block: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A full run: cache its input and its update of every token."""
+        self.prune_cache[self._prune_key(block)] = {"x": x.detach().clone(), "delta": (y - x).detach(), "runs": 1}
+
+    @torch.compiler.disable
+    def prune_update(self, block: str, sel: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        """A reduced run: the recomputed tokens' inputs and updates replace theirs in the cache; returns
+        the update of every token."""
+        entry = self.prune_cache[self._prune_key(block)]
+        entry["delta"].index_copy_(1, sel, (ys - xs).detach())
+        entry["x"].index_copy_(1, sel, xs.detach())
+        entry["runs"] += 1
+        return entry["delta"]
+
+    @torch.compiler.disable
+    def prune_drop(self, block: str) -> None:
+        self.prune_cache.pop(self._prune_key(block), None)
 
     # --- merges -------------------------------------------------------------------------------
     def _windows_for(self, grid, device) -> matching.Windows:
@@ -81,6 +119,7 @@ class TokenState:
             self._windows[key] = matching.Windows(grid, (cfg.st, cfg.sy, cfg.sx), device)
         return self._windows[key]
 
+    @torch.compiler.disable
     def merge_for(self, x: torch.Tensor, grid, kind: str, amount: int, shared: bool, block: str = "") -> matching.Merge:
         """The step's merge for tokens like ``x``: built by the first block that asks, then reused
         (with ``match_per_block``: built by every block from its own input)."""
