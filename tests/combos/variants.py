@@ -75,7 +75,10 @@ def wan_transformer(seed: int = 0, **extra):
 
 
 def run(pipe, **kwargs) -> np.ndarray:
-    return to_frames(pipe(**kwargs, output_type="np", generator=torch.Generator().manual_seed(0)))
+    # the global generator seeded too: SD3 ControlNet samples its control latents without the generator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return to_frames(pipe(**kwargs, output_type="np", generator=torch.Generator().manual_seed(0)))
 
 
 _BUILDERS: dict = {}
@@ -118,6 +121,54 @@ def sd15_controlnet():
     # one downsampling in the hint encoder, as the tiny VAE has (the released one: 3, for an 8x VAE)
     controlnet = wake(ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32)))
     return StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet, requires_safety_checker=False)
+
+
+@_variant("sd15-ip-adapter", "sd15")
+def _sd15_ip_adapter():
+    return sd15_ip_adapter(), dict(prompt="a cat", negative_prompt="blurry", ip_adapter_image=image(2), height=32,
+                                   width=32)
+
+
+def clip_image_encoder(projection_dim: int = 32):
+    """A tiny CLIPVisionModelWithProjection (32 px, 8x8 patches of 4) and its image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    encoder = _seeded(CLIPVisionModelWithProjection, CLIPVisionConfig(
+        hidden_size=32, projection_dim=projection_dim, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        intermediate_size=64, patch_size=4))
+    return encoder, CLIPImageProcessor(crop_size=32, size=32)
+
+
+def ip_adapter_state_dict(unet, image_embed_dim: int = 32, tokens: int = 4, seed: int = 3) -> dict:
+    """An IP-Adapter (the base one: a linear projection of the CLIP image embedding to ``tokens`` tokens) in
+    the released checkpoints' layout for ``unet``: ``image_proj`` {proj, norm} and ``ip_adapter``
+    {"<i>.to_k_ip/to_v_ip.weight"}, i numbering the UNet's attention processors (odd: the cross-attentions)."""
+    gen = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    widths = {f"{n}.processor": m.to_q.out_features for n, m in unet.named_modules()  # by processor name
+              if hasattr(m, "set_processor")}
+    adapter = {}
+    for i, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            for k in ("to_k_ip", "to_v_ip"):
+                adapter[f"{i}.{k}.weight"] = torch.randn(widths[name], cross, generator=gen) * cross ** -0.5
+    proj = {"proj.weight": torch.randn(tokens * cross, image_embed_dim, generator=gen) * image_embed_dim ** -0.5,
+            "proj.bias": torch.zeros(tokens * cross), "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    return {"image_proj": proj, "ip_adapter": adapter}
+
+
+def sd15_ip_adapter():
+    """SD1.5 with an IP-Adapter loaded through diffusers' own loader (`_load_ip_adapter_weights`, what
+    `load_ip_adapter` calls after reading the checkpoint), its image encoder made here."""
+    from diffusers import StableDiffusionPipeline
+
+    components = dict(tiny.make("sd15").components)
+    components["image_encoder"], components["feature_extractor"] = clip_image_encoder()
+    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    with tiny._quiet("diffusers.models.modeling_utils"):  # the loader's .to(dtype) warns about fp32 modules
+        pipe.unet._load_ip_adapter_weights([ip_adapter_state_dict(pipe.unet)], low_cpu_mem_usage=False)
+    pipe.set_ip_adapter_scale(1.0)
+    return pipe
 
 
 @_variant("sdxl-img2img", "sdxl")
@@ -188,6 +239,41 @@ def flux_controlnet(transformer=None, layers: int = 1, single: int = 1):
         components["transformer"] = transformer
     controlnet = wake(flux_transformer(layers=layers, single=single, cls=FluxControlNetModel))
     return FluxControlNetPipeline(**components, controlnet=controlnet)
+
+
+SD3_CALL = dict(prompt="a cat", negative_prompt="blurry", height=32, width=32, max_sequence_length=16)
+
+
+@_variant("sd3-controlnet", "sd3")
+def _sd3_controlnet():
+    return sd3_controlnet(), dict(SD3_CALL, control_image=image(1))
+
+
+def sd3_transformer(layers: int = 2):
+    """The tiny SD3 transformer's shape (tiny.py) with another depth."""
+    from diffusers import SD3Transformer2DModel
+
+    return _seeded(
+        SD3Transformer2DModel, sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
+        pooled_projection_dim=64, pos_embed_max_size=32,
+    )  # fmt: skip
+
+
+def sd3_controlnet(transformer=None, layers: int = 1):
+    """SD3 ControlNet of ``layers`` joint blocks, made from the transformer (its embedders and first blocks)."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    components = dict(tiny.make("sd3").components)
+    if transformer is not None:
+        components["transformer"] = transformer
+    transformer = components["transformer"]
+    # SD3ControlNetModel.from_transformer, without its writing num_layers into the transformer's config
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    controlnet = _seeded(SD3ControlNetModel, **dict(config, num_layers=layers), seed=2)
+    for part in ("pos_embed", "time_text_embed", "context_embedder", "transformer_blocks"):
+        getattr(controlnet, part).load_state_dict(getattr(transformer, part).state_dict(), strict=False)
+    return StableDiffusion3ControlNetPipeline(**components, controlnet=wake(controlnet))
 
 
 _VIDEO_CALL = dict(height=64, width=64, num_frames=9)  # 64 px: 3 attention blocks of 16 tokens per frame group
