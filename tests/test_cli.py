@@ -193,3 +193,14 @@ def test_compare_times_both_sides_and_claims_a_speed_up_only_when_something_enga
         else:  # identical outputs: no speed-up is claimed
             assert "nothing engaged" in text and "faster" not in text and cmp["psnr"] is None
             assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "off-baseline.png")))
+
+
+def test_loading_a_model_prints_no_library_import_noise(tmp_path):
+    """With torchao installed (the dev extra), importing diffusers logs "Failed to load ..." lines, torch pytree
+    deprecations and "Unable to import `torchao` Tensor objects"; the CLI loads models quietly, so its output
+    is its own. (Without torchao this passes trivially; CI installs it.)"""
+    r = _run("generate", "--model", "ref-sd", "--prompt", "a red circle", "--steps", "2", "--out",
+             str(tmp_path / "a.png"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    noise = [ln for ln in r.stderr.splitlines() if any(w in ln for w in ("torchao", "_pytree", "Failed to load"))]
+    assert not noise, noise

@@ -74,7 +74,8 @@ def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
         name = model[len("tiny-"):]
         if name not in tiny.NAMES:
             raise ModelLoadError(f"unknown built-in model {model!r}; built-in models: {', '.join(builtin_models())}")
-        pipe = tiny.make(name, seed=seed, dtype=dtype, device=device)
+        with _quiet_loading():
+            pipe = tiny.make(name, seed=seed, dtype=dtype, device=device)
     elif model.startswith("ref-"):
         from . import ref
 
@@ -100,11 +101,27 @@ def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
 def _quiet_loading():
     """No loading progress bars or import-time warnings from diffusers/transformers while a
     pipeline loads (hub downloads keep huggingface_hub's own bars): the CLI's output stays its
-    own, and an error stays one line."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
+    own, and an error stays one line. The first import of diffusers is quiet too: with torchao installed it
+    logs "Failed to load ..." lines and torch's pytree deprecations, which say nothing to a user."""
+    import logging
+    import sys
 
-    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(), dlog.get_verbosity(), tlog.get_verbosity())
+    first = "diffusers" not in sys.modules
+    noisy = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    noisy_levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(logging.ERROR)
+    env = os.environ.get("DIFFUSERS_VERBOSITY")
+    if first:
+        os.environ["DIFFUSERS_VERBOSITY"] = "error"  # read once, when diffusers configures its logger
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+    finally:
+        if first:
+            os.environ.pop("DIFFUSERS_VERBOSITY") if env is None else os.environ.update(DIFFUSERS_VERBOSITY=env)
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(),
+           logging.WARNING if first and env is None else dlog.get_verbosity(), tlog.get_verbosity())
     dlog.disable_progress_bar(), tlog.disable_progress_bar()
     dlog.set_verbosity_error(), tlog.set_verbosity_error()
     try:
@@ -113,17 +130,20 @@ def _quiet_loading():
         (dlog.enable_progress_bar if was[0] else dlog.disable_progress_bar)()
         (tlog.enable_progress_bar if was[1] else tlog.disable_progress_bar)()
         dlog.set_verbosity(was[2]), tlog.set_verbosity(was[3])
+        for lg, level in zip(noisy, noisy_levels, strict=True):
+            lg.setLevel(level)
 
 
 def _from_pretrained(model: str, dtype, local: bool):
-    import diffusers
-    from diffusers import DiffusionPipeline
     from packaging.version import Version
 
-    # diffusers 0.42 renamed torch_dtype to dtype (the old name warns)
-    dtype_kw = "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
     try:
         with _quiet_loading():
+            import diffusers
+            from diffusers import DiffusionPipeline
+
+            # diffusers 0.42 renamed torch_dtype to dtype (the old name warns)
+            dtype_kw = "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
             return DiffusionPipeline.from_pretrained(model, **{dtype_kw: dtype}, local_files_only=local
                                                      or bool(os.environ.get("HF_HUB_OFFLINE")))
     except Exception as e:
