@@ -223,7 +223,7 @@ class ApproxHandle:
             self.cache.record_hit(plan.match.entry, plan.skip)
             return
         self.totals["misses"] += 1
-        if plan.keep and _writes_files():
+        if plan.keep and _writes_files(self.pipe):
             entry = self.cache.add(plan.scope, plan.total, plan.embedding, plan.keep, plan.prompt)
             plan.stored = entry.id
             self.totals["stored"] += 1
@@ -356,7 +356,13 @@ def _jsonable(v):
     return repr(v) if not hasattr(v, "shape") else f"tensor{tuple(v.shape)}"
 
 
-def _writes_files() -> bool:
-    from ..parallel.runtime import is_main
+def _writes_files(pipe) -> bool:
+    """One writer per copy of the pipeline: every process when it runs alone (batch shards, app workers), the
+    first rank of its group when `accel.parallelize` spreads one call over several (they hold the same latents)."""
+    from ..parallel import api as parallel_api
+    from ..parallel.runtime import rank
 
-    return is_main()  # ranks of a parallel group hold the same latents; one writes
+    handle = pipe.__dict__.get(parallel_api._STATE_ATTR)
+    if handle is None:
+        return True
+    return rank() % max(1, handle.cfg.world_size) == 0
