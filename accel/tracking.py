@@ -58,6 +58,7 @@ class StepTracker:
         self._context_name: str | None = None
         self._watching_scheduler = False
         self._scheduler = self._ledger = None
+        self._watched: list = []  # schedulers whose methods are wrapped (identity, not equality)
         self._call_t0 = None
         self.timings = {"denoise_s": 0.0, "denoiser_forwards": 0}
         self._batched_cfg: tuple = (None, False)  # ((call, component, batch), answer) of _pipe_batches_cfg
@@ -82,9 +83,13 @@ class StepTracker:
             if hasattr(adapter.module, "cache_context"):
                 ledger.wrap_method(adapter.module, "cache_context", self._make_cache_context)
 
-    def _watch(self, scheduler) -> None:
-        """Wrap ``scheduler``'s ``set_timesteps`` (a call starts) and ``step`` (a step ends)."""
+    def _watch(self, scheduler) -> bool:
+        """Wrap ``scheduler``'s ``set_timesteps`` (a call starts) and ``step`` (a step ends), once per scheduler:
+        a scheduler swapped out and back in is already wrapped (wrapping again counted every call and step twice)."""
         self._scheduler = scheduler
+        if any(s is scheduler for s in self._watched):
+            return False
+        self._watched.append(scheduler)
 
         def make_set_timesteps(original):
             def set_timesteps(*args, **kwargs):
@@ -102,6 +107,7 @@ class StepTracker:
 
         self._ledger.wrap_method(scheduler, "set_timesteps", make_set_timesteps)
         self._ledger.wrap_method(scheduler, "step", make_step)
+        return True
 
     def _make_cache_context(self, original):
         import contextlib
@@ -158,9 +164,10 @@ class StepTracker:
                 self._end_step()
         elif getattr(self.pipe, "scheduler", None) is not self._scheduler:
             # The user swapped the scheduler after `apply` (``pipe.scheduler = X.from_config(...)``):
-            # this call's set_timesteps went unseen. Watch the new one; this forward starts a call.
-            self._watch(self.pipe.scheduler)
-            self._start_call(self._scheduler)
+            # this call's set_timesteps went unseen. Watch the new one; this forward starts a call. A scheduler
+            # swapped back in is still wrapped: its set_timesteps already started this call.
+            if self._watch(self.pipe.scheduler):
+                self._start_call(self._scheduler)
         elif s.call == 0:  # the pipeline set its timesteps before we were applied
             self._start_call(self._scheduler)
         if self._call_t0 is None:

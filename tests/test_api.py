@@ -237,3 +237,26 @@ def test_adapter_structure(name, tiny_cache):
             assert {"self", "cross"} <= roles
         if name == "animatediff":
             assert "temporal" in roles
+
+
+def test_scheduler_swapped_back_is_counted_once(tiny_cache):
+    """A scheduler swapped out and back in (A/B comparisons do it) is wrapped once: calls and steps are counted
+    once, not twice (each step counted twice put a step cache's schedule on every other step)."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny_cache("sd15")
+    original = pipe.scheduler
+    steps = tiny.example_inputs("sd15")["num_inference_steps"]
+    try:
+        accel.apply(pipe, "fast")
+        first = run(pipe, "sd15")
+        pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
+        run(pipe, "sd15")
+        pipe.scheduler = original
+        back = run(pipe, "sd15")
+        st = accel.stats(pipe)
+    finally:
+        accel.remove(pipe)
+        pipe.scheduler = original
+    assert st["calls"] == 3 and st["steps"] == steps, {k: st[k] for k in ("calls", "steps")}
+    np.testing.assert_array_equal(back, first)  # the same scheduler, the same cache decisions
