@@ -29,6 +29,7 @@ import accel
 from accel.eval import checker
 from accel.eval import shapes as S
 from accel.eval.metrics import psnr, ssim
+from accel.pipelines.call import family_name
 from accel.pipelines.load import load
 from accel.pipelines.ref import call_defaults
 
@@ -82,7 +83,7 @@ def bench(model: str, n: int, s: float, configs=("off", "approx", "balanced", "a
         pipe.set_progress_bar_config(disable=True)
         pipe(prompt="a small gray square on a black background", **kw)  # warm-up, before any cache exists
         if name != "off":
-            cfg = accel.preset("balanced", _family(pipe)) if "balanced" in name else accel.Config()
+            cfg = accel.preset("balanced", family_name(pipe)) if "balanced" in name else accel.Config()
             if "approx" in name:
                 folders.append(tempfile.TemporaryDirectory())
                 cfg = cfg.replace(approx={"dir": folders[-1].name, **(policy if "policy" in name else {})})
@@ -122,12 +123,6 @@ def bench(model: str, n: int, s: float, configs=("off", "approx", "balanced", "a
               f"{ss} | {r['ok']}/{n} ({r['ok'] - base['ok']:+d}) |")
     for f in folders:
         f.cleanup()
-
-
-def _family(pipe) -> str:
-    from accel.pipelines.call import family_name
-
-    return family_name(pipe)
 
 
 def calibrate(model: str, n_pairs: int) -> None:

@@ -109,6 +109,8 @@ def build_layout(grid: tuple[int, int, int], text_len: int, text_first: bool, bl
     nt = -(-text_len // block)
     n_tokens = n_video + text_len
     video_offset = text_len if text_first else 0
+    # Built on the host, once per shape (lru_cache); `BlockLayout.to` moves it once per device (cached too),
+    # so no per-call path makes these tensors.
     f, h, w = torch.meshgrid(torch.arange(F_), torch.arange(H), torch.arange(W), indexing="ij")
     tile_id = ((f // tf) * tiles[1] + h // th) * tiles[2] + w // tw
     within = ((f % tf) * th + h % th) * tw + w % tw
