@@ -14,10 +14,10 @@ from accel.pipelines.load import ModelLoadError, builtin_models, load
 # directions), so an untrained or broken model fails them.
 # As shipped, on this 8-prompt, 10-step call (each model's own guidance): ref-sd 1.00 colour / 1.00
 # shape, ref-dit 0.88 / 1.00 (0.88 / 0.95 and 0.88 / 0.88 on the 60-prompt, 20-step evaluation).
-# Floors sit below that, well above chance, so a broken or untrained model fails them (the models
-# of session 3, 2500 steps each, scored 0.48 and 0.47 shape on the 60 prompts).
+# Floors sit below that, well above chance, so a broken or untrained model fails them (earlier
+# models trained 2500 steps each scored 0.48 and 0.47 shape on the 60 prompts).
 IMAGE_FLOOR = {"ref-sd": {"colour": 0.6, "shape": 0.6}, "ref-dit": {"colour": 0.6, "shape": 0.6}}
-# ref-video as shipped (v4, session 5): 0.93 direction / 0.90 colour / 0.30 shape on 40 held-out prompts
+# ref-video as shipped (v4): 0.93 direction / 0.90 colour / 0.30 shape on 40 held-out prompts
 # (20 steps); on this 8-prompt call at 20 steps 0.88 direction / 0.88 colour (at 10 steps direction
 # drops, so this call uses 20). Floors: direction 0.6 (chance 0.25), colour 0.6 (chance 0.14); v3,
 # before the autoencoder's foreground-weighted loss, scored 0.75 / 0.38 here and would fail colour.
