@@ -1,10 +1,11 @@
 """Loading a pipeline from a hub id, a local diffusers folder, or a built-in name.
 
 Built-in names: ``tiny-<name>`` for every tiny random-weight pipeline in `accel.pipelines.tiny`
-(offline, for tests and demos), and ``ref-<name>`` for the small reference models trained on
-procedural shapes that ship with the package (`accel.pipelines.ref`). The device is CUDA when
-present, else CPU; the dtype is bfloat16 on CUDA and float32 on CPU (half precision on CPU is slow
-and inaccurate).
+(offline, for tests and demos), ``ref-<name>`` for the small reference models trained on
+procedural shapes that ship with the package (`accel.pipelines.ref`), and
+``shape:<name>[:key=value,...]`` for random-weight pipelines at the released models' sizes
+(`accel.pipelines.shape`, for measuring speed). The device is CUDA when present, else CPU; the
+dtype is bfloat16 on CUDA and float32 on CPU (half precision on CPU is slow and inaccurate).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ class ModelLoadError(RuntimeError):
 
 def builtin_models() -> dict[str, str]:
     """Built-in model name -> what it is."""
-    from . import ref, tiny
+    from . import ref, shape, tiny
 
     tinies = {f"tiny-{n}": f"tiny random-weight {cls} (offline)" for n, cls in tiny.describe().items()}
-    return {**ref.shipped(), **tinies}
+    shapes = {f"{shape.PREFIX}{n}": what for n, what in shape.describe().items()}
+    return {**ref.shipped(), **tinies, **shapes}
 
 
 def default_device() -> str:
@@ -76,6 +78,15 @@ def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
             raise ModelLoadError(f"unknown built-in model {model!r}; built-in models: {', '.join(builtin_models())}")
         with _quiet_loading():
             pipe = tiny.make(name, seed=seed, dtype=dtype, device=device)
+    elif model.startswith("shape:"):
+        from . import shape
+
+        try:
+            name, overrides = shape.parse(model)
+            with _quiet_loading():
+                pipe = shape.make(name, device=device, dtype=dtype, seed=seed, overrides=overrides)
+        except ValueError as e:  # ours, or diffusers' for a config it cannot build
+            raise ModelLoadError(f"{model!r}: {e}") from None
     elif model.startswith("ref-"):
         from . import ref
 

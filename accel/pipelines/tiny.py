@@ -155,12 +155,15 @@ def _clip_text(tok, projection: bool = False, hidden: int = 32):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def _t5_text(tok, umt5: bool = False, d_model: int = 32):
+def _t5_text(tok, umt5: bool = False, d_model: int = 32, d_kv: int | None = None, d_ff: int | None = None):
+    """``d_kv``/``d_ff`` (default ``d_model // 2`` and ``2 * d_model``) set the cost: a wide output
+    (``d_model``) can have narrow attention and feed-forward layers."""
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
     config = config_cls(
-        vocab_size=len(tok), d_model=d_model, d_kv=d_model // 2, d_ff=2 * d_model, num_layers=2, num_heads=2,
+        vocab_size=len(tok), d_model=d_model, d_kv=d_kv or d_model // 2, d_ff=d_ff or 2 * d_model, num_layers=2,
+        num_heads=2,
         relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
     )  # fmt: skip
@@ -183,20 +186,24 @@ def _llama_text(tok, hidden: int = 32):
 # ---------------------------------------------------------------------------
 
 
-def _image_vae(seeded, latent_channels: int, **kwargs):
+def _image_vae(seeded, latent_channels: int, block_out_channels: tuple[int, ...] = (32, 64), **kwargs):
+    """One block per entry of ``block_out_channels``: the pipelines' spatial compression is
+    ``2 ** (len(block_out_channels) - 1)`` (the released VAEs: 4 blocks, 8x)."""
     from diffusers import AutoencoderKL
 
+    blocks = len(block_out_channels)
     return seeded(
-        AutoencoderKL, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=latent_channels, sample_size=32, **kwargs,
+        AutoencoderKL, down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=block_out_channels, layers_per_block=1, latent_channels=latent_channels, sample_size=32,
+        **kwargs,
     )  # fmt: skip
 
 
-def _flow_vae(seeded, shift_factor: float, scaling_factor: float):
+def _flow_vae(seeded, shift_factor: float, scaling_factor: float, **kwargs):
     """The 16-channel VAE of Flux / SD3 (no quant convs, shifted latents)."""
     return _image_vae(
         seeded, 16, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=shift_factor, scaling_factor=scaling_factor,
+        shift_factor=shift_factor, scaling_factor=scaling_factor, **kwargs,
     )  # fmt: skip
 
 
@@ -219,6 +226,12 @@ def _sd_scheduler():
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
     )  # fmt: skip
+
+
+def _sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +262,7 @@ def _sd15(seeded):
 
 @_family("sdxl", "StableDiffusionXLPipeline")
 def _sdxl(seeded):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     tok, tok_2 = _clip_tokenizer(), _clip_tokenizer()
     unet = seeded(
@@ -263,9 +276,7 @@ def _sdxl(seeded):
     return StableDiffusionXLPipeline(
         vae=_image_vae(seeded, 4), text_encoder=seeded(_clip_text, tok),
         text_encoder_2=seeded(_clip_text, tok_2, projection=True), tokenizer=tok, tokenizer_2=tok_2, unet=unet,
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-        ),
+        scheduler=_sdxl_scheduler(),
         add_watermarker=False,  # needs the invisible-watermark package
     )  # fmt: skip
 
@@ -373,9 +384,19 @@ def _cogvideox(seeded):
     )
 
 
+def _wan_vae(seeded):
+    """The released Wan 2.1 VAE's compression (16 channels, 8x spatial, 4x temporal) at width 8."""
+    from diffusers import AutoencoderKLWan
+
+    return seeded(
+        AutoencoderKLWan, base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )  # fmt: skip
+
+
 @_family("wan", "WanPipeline")
 def _wan(seeded, two_experts: bool = False):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     def transformer(seeded):
         return seeded(
@@ -385,12 +406,8 @@ def _wan(seeded, two_experts: bool = False):
         )  # fmt: skip
 
     tok = _t5_tokenizer()
-    vae = seeded(
-        AutoencoderKLWan, base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    )  # fmt: skip
     return WanPipeline(
-        tokenizer=tok, text_encoder=seeded(_t5_text, tok, umt5=True), vae=vae,
+        tokenizer=tok, text_encoder=seeded(_t5_text, tok, umt5=True), vae=_wan_vae(seeded),
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
         transformer=transformer(seeded),
         # Wan 2.2 A14B: a high-noise and a low-noise expert, switched at
