@@ -5,7 +5,8 @@ from __future__ import annotations
 
 
 def generation_defaults(model: str) -> dict:
-    """A tiny model's fast defaults (few steps, small size); real models keep their pipeline's."""
+    """A built-in model's call: a tiny model's fast defaults (few steps, small size), a reference model's
+    trained call, a shape model's released call; other models keep their pipeline's."""
     if model.startswith("tiny-"):
         from ..pipelines import tiny
 
@@ -15,6 +16,10 @@ def generation_defaults(model: str) -> dict:
         from ..pipelines import ref
 
         return ref.call_defaults(model)
+    if model.startswith("shape:"):  # the released model's own call (size, steps, guidance)
+        from ..pipelines import shape
+
+        return shape.call_defaults(shape.parse(model)[0])
     return {}
 
 

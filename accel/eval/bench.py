@@ -1,0 +1,549 @@
+"""`accel bench`: speed and fidelity of presets, config files, sweeps and peers on any model, in one run.
+
+    accel bench --model ref-dit --presets off,balanced,fast --peers all
+    accel bench --model shape:flux --device cuda --steps 28 --sweep cache --json flux.json
+    accel bench --model my/hub-model --configs tuned.yaml --prompts prompts.txt
+
+Every row runs the same calls (prompts x seeds) on the same pipeline, round-robin over ``--repeats``
+after one untimed warm-up call of each row (`accel.eval.clock`: CUDA events and peak memory on CUDA,
+process CPU time on a CPU). A row's speed is the median over repeats of the total time of its calls,
+as a ratio to the unaccelerated baseline measured in the same rounds. Its fidelity is measured
+against the baseline's output of the same prompt and seed: PSNR (median and worst call) and SSIM,
+and on the built-in trained models (``ref-*``, called with their held-out prompts) the attribute
+checker's scores beside the baseline's. On random weights (``tiny-*``, ``shape:*``) fidelity is not
+meaningful, and the report says so. Results: a markdown table on stdout, a JSON report (``--json``)
+with device, versions and commit; Ctrl-C ends the run and reports what was measured.
+
+The engine (`Workload`, `Row`, `run`) is what `accel tune` and the scripts in ``benchmarks/`` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RANDOM_WEIGHTS_NOTE = ("random weights: PSNR/SSIM say how much a setting changes the output, not whether a trained "
+                       "model would still draw the same thing (random weights overstated DiT fidelity by a median "
+                       "37 dB against the trained ref-dit); judge quality on your trained model")
+GENERIC_PROMPTS = ("a photo of a red fox in a snowy forest, golden hour",
+                   "a bowl of ramen on a wooden table, studio light",
+                   "a lighthouse on a cliff during a storm, waves crashing", "an astronaut riding a horse on the moon")
+
+
+# --- what is measured ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Call:
+    """One pipeline call of the workload: keyword arguments (no generator), its seed, and what the
+    checker scores it against (a scene or clip of `accel.eval.shapes`; None: not scored)."""
+
+    kwargs: dict
+    seed: int
+    item: Any = None
+
+
+@dataclasses.dataclass
+class Workload:
+    pipe: Any
+    model: str
+    family: str
+    device: str
+    calls: list[Call]
+    steps: int
+    scorer: Callable | None = None  # (outputs, items) -> {score: value}; built-in trained models
+    random_weights: bool = False
+
+
+@dataclasses.dataclass
+class Row:
+    """A row: the baseline (no config, no peer), one of our configs, or a peer."""
+
+    label: str
+    kind: str = "config"  # baseline | preset | config | sweep | peer | candidate
+    config: Any = None  # accel.Config
+    peer: Any = None  # accel.eval.peers.Peer
+    skipped: str | None = None  # why it was not run
+
+
+@dataclasses.dataclass
+class Result:
+    label: str
+    kind: str
+    config: dict | None = None
+    seconds: float | None = None  # median over repeats of the row's total call time
+    wall_s: float | None = None
+    peak_gib: float | None = None
+    speedup: float | None = None
+    psnr: float | None = None  # median over calls; None: identical to the baseline
+    psnr_worst: float | None = None
+    ssim: float | None = None
+    per_call_psnr: list = dataclasses.field(default_factory=list)  # inf as None
+    scores: dict | None = None
+    engaged: list = dataclasses.field(default_factory=list)
+    repeats: int = 0
+    error: str | None = None
+    skipped: str | None = None
+
+    @property
+    def ran(self) -> bool:
+        return self.seconds is not None
+
+    def meets(self, floor: float) -> bool:
+        """Every call's PSNR against the baseline is at least ``floor`` dB (identical counts as inf)."""
+        return self.ran and all(p is None or p >= floor for p in self.per_call_psnr)
+
+
+def _scorer(model: str):
+    """The checker for a built-in trained model: (outputs, items) -> scores."""
+    from . import checker
+
+    if model == "ref-video":
+        from ..pipelines.ref import train_video
+
+        return train_video.score
+    if model.startswith("ref-"):
+        return lambda outs, items: {k: v for k, v in checker.score_images(outs, items).items() if k != "objects"}
+    return None
+
+
+def read_prompts(path) -> list[tuple[str, str | None]]:
+    """(prompt, negative prompt) of each row of a prompt file (.txt, .jsonl, .csv as `accel batch` reads)."""
+    from ..app.prompts import read_rows
+
+    return [(r.prompt, r.negative_prompt) for r in read_rows(Path(path))]
+
+
+def workload(pipe, model: str, *, prompts: list | None = None, n_prompts: int | None = None, seeds: int = 1,
+             steps: int | None = None, height: int | None = None, width: int | None = None,
+             frames: int | None = None, guidance: float | None = None, device: str = "cpu",
+             prompt_seed: int | None = None) -> Workload:
+    """The calls of a benchmark: ``prompts`` ((prompt, negative) pairs, or strings) x ``seeds`` seeds.
+    Without prompts, a built-in trained model gets ``n_prompts`` of its held-out prompts (scored by the
+    checker; ``prompt_seed`` picks another held-out set) and other models a few generic ones."""
+    from ..app.generation import generation_defaults
+    from ..pipelines.call import call_kwargs, family_name
+    from . import shapes
+
+    family = family_name(pipe)
+    defaults = generation_defaults(model)
+    items: list = []
+    if prompts is None and model.startswith("ref-"):
+        n = n_prompts or 4
+        kw = {} if prompt_seed is None else {"seed": prompt_seed}
+        items = shapes.held_out_clips(n, **kw) if model == "ref-video" else shapes.held_out_scenes(n, n_shapes=1, **kw)
+        prompts = [(it.prompt, None) for it in items]
+    elif prompts is None:
+        prompts = [(p, None) for p in GENERIC_PROMPTS[:n_prompts or 2]]
+    prompts = [p if isinstance(p, tuple) else (p, None) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts to run")
+    calls = []
+    for i, (prompt, negative) in enumerate(prompts):
+        for seed in range(seeds):
+            kw = call_kwargs(pipe, prompt=prompt, negative_prompt=negative, steps=steps, height=height, width=width,
+                             frames=frames, guidance=guidance, seed=seed, defaults=defaults)
+            kw.pop("generator")
+            calls.append(Call(kw, seed, items[i] if items else None))
+    n_steps = int(calls[0].kwargs.get("num_inference_steps") or 50)
+    return Workload(pipe, model, family, str(device), calls, n_steps, _scorer(model) if items else None,
+                    random_weights=model.startswith(("tiny-", "shape:")))
+
+
+# --- the engine ----------------------------------------------------------------------------------
+class _Sampler:
+    """Runs one sample of a row (all its calls) and keeps the baseline's outputs for fidelity."""
+
+    def __init__(self, work: Workload):
+        self.work = work
+        self.reference: list | None = None  # the baseline's outputs, one per call
+        self.fidelity: dict[str, dict] = {}  # label -> psnr/ssim/scores/engaged of its first sample
+
+    def _call(self, call: Call):
+        import torch
+
+        from ..pipelines.call import to_frames
+        from .clock import measure
+
+        def go():
+            return self.work.pipe(**call.kwargs, generator=torch.Generator("cpu").manual_seed(call.seed))
+
+        s = measure(go, self.work.device)
+        return s, to_frames(s.out)
+
+    def sample(self, row: Row, calls: list[Call] | None = None, keep: bool = True):
+        """(seconds, wall seconds, peak bytes) of the row's calls; the first kept sample of a row is
+        scored against the baseline."""
+        import accel
+
+        from .compare import engaged
+
+        work = self.work
+        calls = work.calls if calls is None else calls
+        if row.config is not None:
+            accel.apply(work.pipe, row.config)
+        elif row.peer is not None:
+            row.peer.enable(work.pipe, work.steps)
+        try:
+            seconds = wall = 0.0
+            peak = None
+            outs = []
+            score = keep and row.label not in self.fidelity
+            for call in calls:
+                s, frames = self._call(call)
+                seconds, wall = seconds + s.seconds, wall + s.wall_s
+                peak = s.peak_bytes if peak is None or (s.peak_bytes or 0) > peak else peak
+                if score:
+                    outs.append(frames)
+            what = engaged(accel.stats(work.pipe)) if row.config is not None else []
+        finally:
+            if row.config is not None:
+                accel.remove(work.pipe)
+            elif row.peer is not None:
+                row.peer.disable(work.pipe)
+        if score:
+            self._score(row, outs, what)
+        return seconds, wall, peak
+
+    def _score(self, row: Row, outs: list, what: list) -> None:
+        import numpy as np
+
+        from .metrics import compare
+
+        if row.kind == "baseline":
+            self.reference = outs
+        ref = self.reference
+        if ref is None:
+            raise RuntimeError("the baseline row must run first")
+        per = [compare(a, b) for a, b in zip(ref, outs, strict=True)]
+        psnrs = [p["psnr"] for p in per]
+        finite = [p for p in psnrs if p is not None]
+        rec = {"per_call_psnr": psnrs, "ssim": round(statistics.median(p["ssim"] for p in per), 4),
+               "psnr": None if len(finite) <= len(psnrs) // 2 else round(statistics.median(
+                   [p if p is not None else float("inf") for p in psnrs]), 2),
+               "psnr_worst": round(min(finite), 2) if finite else None, "engaged": what}
+        if self.work.scorer is not None:
+            rec["scores"] = {k: round(v, 3) for k, v in self.work.scorer([np.asarray(o) for o in outs],
+                                                                       [c.item for c in self.work.calls]).items()
+                             if isinstance(v, float)}
+        self.fidelity[row.label] = rec
+
+
+def _progress(total: int, enabled: bool, desc: str = "accel bench"):
+    """A progress bar on stderr when it is a terminal (``enabled`` False: none)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", disable=None if enabled else True, file=sys.stderr, leave=False,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def run(work: Workload, rows: list[Row], *, repeats: int = 3, warmup: bool = True, progress: bool = True,
+        stop: Callable[[], bool] | None = None, sampler: _Sampler | None = None) -> tuple[list[Result], bool]:
+    """Measure ``rows`` (the first must be the baseline) round-robin; returns (results, stopped).
+
+    A row that raises is reported with its error and left out of later rounds. Ctrl-C (or ``stop()``
+    returning True) ends the run; what was measured is returned, with ``stopped`` True."""
+    from .clock import error_line, round_robin
+
+    if not rows or rows[0].kind != "baseline":
+        raise ValueError("the first row must be the baseline")
+    sampler = sampler or _Sampler(work)
+    live = [r for r in rows if r.skipped is None]
+    bar = _progress(len(live) * (repeats + (1 if warmup else 0)), progress)
+    samples: dict[str, list] = {r.label: [] for r in live}
+    errors: dict[str, str] = {}
+    stopped = False
+    from ..pipelines.load import _quiet_loading as quiet  # diffusers' per-call warnings would break the bar
+
+    def one(row):
+        def fn():
+            bar.set_postfix_str(row.label[:40], refresh=False)
+            if not sampler.fidelity.get(row.label) and warmup:
+                sampler.sample(row, work.calls[:1], keep=False)  # untimed warm-up: first-call set-up costs
+                bar.update(1)
+            out = sampler.sample(row)
+            bar.update(1)
+            return out
+        return fn
+
+    def after(r, label, sample):
+        samples[label].append(sample)
+
+    try:
+        with quiet():
+            _, errs = round_robin({r.label: one(r) for r in live}, repeats, catch=True, after=after, stop=stop)
+        errors.update(errs)
+        stopped = bool(stop and stop())
+    except KeyboardInterrupt:
+        stopped = True
+    except Exception as e:  # the baseline itself failed: nothing can be compared
+        raise RuntimeError(f"the baseline could not run: {error_line(e)}") from e
+    finally:
+        bar.close()
+    return _results(rows, samples, errors, sampler), stopped
+
+
+def _results(rows, samples, errors, sampler) -> list[Result]:
+    base = samples.get(rows[0].label) or []
+    base_s = statistics.median(s[0] for s in base) if base else None
+    out = []
+    for row in rows:
+        res = Result(row.label, row.kind, row.config.to_dict() if row.config is not None else None,
+                     skipped=row.skipped, error=errors.get(row.label))
+        runs = samples.get(row.label) or []
+        if runs and res.error is None:
+            res.seconds = statistics.median(s[0] for s in runs)
+            res.wall_s = statistics.median(s[1] for s in runs)
+            peaks = [s[2] for s in runs if s[2] is not None]
+            res.peak_gib = round(max(peaks) / 2**30, 2) if peaks else None
+            res.speedup = round(base_s / res.seconds, 3) if base_s and res.seconds else None
+            res.repeats = len(runs)
+            for k, v in sampler.fidelity.get(row.label, {}).items():
+                setattr(res, k, v)
+        out.append(res)
+    return out
+
+
+# --- rows from the command line ------------------------------------------------------------------
+def preset_rows(family: str | None, names: list[str]) -> list[Row]:
+    from ..config import available_presets, preset
+
+    known = available_presets()
+    rows = []
+    for name in names:
+        if name not in known:
+            raise ValueError(f"--presets: {name!r} is not a preset; choose from {', '.join(known)}")
+        if name != "off":
+            rows.append(Row(f"preset {name}", "preset", preset(name, family)))
+    return rows
+
+
+def config_rows(paths: list[str], family: str | None) -> list[Row]:
+    """One row per config file (a config file or an output's sidecar); a bad file raises ValueError
+    naming the file and what is wrong, before anything runs."""
+    from ..app.batch import config_for, read_sections
+    from ..config_base import ConfigError
+
+    rows = []
+    for path in paths:
+        try:
+            _, sections = read_sections(path, [])
+            cfg = config_for("off", sections, family)
+        except ConfigError as e:
+            raise ValueError(f"--configs {path}: {e}") from None
+        except Exception as e:  # UsageError from the reader: no such file, unknown section, unreadable
+            raise ValueError(str(e).replace("--config", "--configs", 1)) from None
+        rows.append(Row(f"config {Path(path).name}", "config", cfg))
+    return rows
+
+
+def sweep_rows(family: str, specs: list[str]) -> list[Row]:
+    from . import space
+
+    return [Row(s.label, "sweep", s.config) for spec in specs for s in space.sweep(family, spec)]
+
+
+def peer_rows(work: Workload, spec: str | None) -> list[Row]:
+    from . import peers
+
+    return [Row(f"peer {p.name}", "peer", peer=p, skipped=p.unavailable(work.pipe, work.family))
+            for p in peers.select(spec)]
+
+
+# --- the report ----------------------------------------------------------------------------------
+def _fmt_db(v) -> str:
+    return "identical" if v is None else f"{v:.1f}"
+
+
+def table(results: list[Result]) -> str:
+    """The markdown table of a run."""
+    scored = any(r.scores for r in results)
+    score_keys = next((list(r.scores) for r in results if r.scores), [])
+    peak = any(r.peak_gib is not None for r in results)
+    head = ["row", "s (median)", "speed-up"] + (["peak GiB"] if peak else []) + \
+        ["PSNR dB (worst)", "SSIM"] + ([" / ".join(score_keys)] if scored else []) + ["engaged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        if not r.ran:
+            why = f"skipped: {r.skipped}" if r.skipped else f"error: {r.error}" if r.error else "not run (stopped)"
+            lines.append("| " + " | ".join([r.label, why] + [""] * (len(head) - 2)) + " |")
+            continue
+        cells = [r.label, f"{r.seconds:.3f}", f"{r.speedup:.2f}x" if r.speedup else "-"]
+        if peak:
+            cells.append("-" if r.peak_gib is None else f"{r.peak_gib:.1f}")
+        if r.kind == "baseline":
+            cells += ["reference", "1.000"]
+        else:
+            cells += [f"{_fmt_db(r.psnr)} ({_fmt_db(r.psnr_worst)})" if r.psnr is not None or r.psnr_worst is not None
+                      else "identical", f"{r.ssim:.3f}" if r.ssim is not None else "-"]
+        if scored:
+            cells.append(" / ".join(f"{r.scores[k]:.2f}" for k in score_keys) if r.scores else "-")
+        if r.kind == "peer":
+            cells.append("(peer)" if r.psnr is not None or r.psnr_worst is not None else "nothing changed")
+        elif r.kind == "baseline":
+            cells.append("-")
+        else:
+            cells.append("; ".join(r.engaged) if r.engaged else "nothing engaged")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment(device: str) -> dict:
+    """Device, versions and commit, for a report."""
+    import platform
+
+    import diffusers
+    import torch
+
+    import accel
+
+    dev = str(device)
+    name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        here = str(Path(accel.__file__).resolve().parent)
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"device": dev, "device_name": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "accel": accel.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
+            "timing": "CUDA events" if dev.startswith("cuda") else "process CPU time"}
+
+
+def report(work: Workload, results: list[Result], *, repeats: int, stopped: bool, env: dict) -> dict:
+    return {"model": work.model, "family": work.family, **env, "repeats": repeats, "stopped": stopped,
+            "calls": [{**{k: v for k, v in c.kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))},
+                       "seed": c.seed} for c in work.calls],
+            "random_weights": work.random_weights, "rows": [dataclasses.asdict(r) for r in results]}
+
+
+# --- the command ---------------------------------------------------------------------------------
+def add_model_args(p) -> None:
+    """The model and call options `accel bench` and `accel tune` share with `accel generate`."""
+    from ..app.cli import _positive_int, row_field
+    from ..pipelines.load import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id, local diffusers folder, built-in name (default {DEFAULT_MODEL}; see `accel models`), "
+                        "or a shape model: shape:flux, shape:wan-1.3b, shape:sd15, shape:sdxl "
+                        "(random weights at the real size; shape:flux:num_layers=2 shrinks it)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--dtype", default="auto", help="bf16, fp16, fp32 or auto (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--steps", type=row_field("steps"), default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--height", type=row_field("height"), default=None)
+    p.add_argument("--width", type=row_field("width"), default=None)
+    p.add_argument("--frames", type=row_field("frames"), default=None, help="video frames (video models)")
+    p.add_argument("--guidance", type=row_field("guidance"), default=None)
+    p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per prompt (0..N-1; default 1)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU: torch threads (1 keeps CPU time steady on a shared machine)")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure speed and fidelity of presets, configs and peers on a model",
+                       description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--presets", default="off,safe,balanced,fast",
+                   help="comma list of presets to measure (off is the baseline and always runs; default: "
+                        "off,safe,balanced,fast)")
+    p.add_argument("--configs", nargs="+", default=[], metavar="FILE",
+                   help="config files (or outputs' sidecars) to measure, one row each")
+    p.add_argument("--sweep", action="append", default=[], metavar="KNOB",
+                   help="rows over a technique's main knob (cache, tokens, attention) or section.field=v1,v2,... "
+                        "(e.g. cache.threshold=0.05,0.1,0.2); repeatable")
+    p.add_argument("--peers", default="none",
+                   help="peer rows: all, none, or a comma list (diffusers, cache-dit, tomesd, DeepCache, or a "
+                        "full name); peers not installed or not for this family are listed with the reason")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompt file (.txt/.jsonl/.csv as accel batch reads); default: the built-in trained "
+                        "model's held-out prompts (scored by the checker), else a few generic prompts")
+    p.add_argument("--n-prompts", type=_positive_count, default=None, help="how many default prompts (default 4 "
+                   "on ref-* models, else 2)")
+    p.add_argument("--repeats", type=_positive_count, default=3, help="timed rounds (median; default 3)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call of each row")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
+    p.set_defaults(func=cmd_bench)
+
+
+def _positive_count(text: str) -> int:
+    from ..app.cli import _positive_int
+
+    return _positive_int(text)
+
+
+def prepare(args):
+    """The `Workload` of the model and call options; a prompt file is read before the model loads."""
+    from ..app.cli import UsageError
+    from ..pipelines.load import ModelLoadError, default_device, load
+
+    if args.prompts is not None and not Path(args.prompts).is_file():
+        raise UsageError(f"--prompts {args.prompts!r}: no such file")
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    device = args.device or default_device()
+    try:
+        pipe = load(args.model, device=device, dtype=args.dtype, seed=0)
+    except ModelLoadError as e:
+        raise UsageError(str(e)) from None
+    pipe.set_progress_bar_config(disable=True)
+    work = workload(pipe, args.model, prompts=prompts, n_prompts=getattr(args, "n_prompts", None), seeds=args.seeds,
+                    steps=args.steps, height=args.height, width=args.width, frames=args.frames,
+                    guidance=args.guidance, device=device)
+    return work
+
+
+def cmd_bench(args) -> int:
+    from ..app.cli import UsageError
+
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    for path in args.configs:
+        if not Path(path).is_file():
+            raise UsageError(f"--configs {path!r}: no such file")
+    try:
+        from . import peers
+
+        peers.select(args.peers)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:  # config files are read and checked before the model loads (the preset under them is off)
+        configs = config_rows(args.configs, None)
+        preset_rows(None, names)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    work = prepare(args)
+    try:
+        rows = [Row("off (baseline)", "baseline")] + preset_rows(work.family, names) + configs + \
+            sweep_rows(work.family, args.sweep) + peer_rows(work, args.peers)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    env = environment(work.device)
+    print(f"accel bench: {args.model} ({work.family}, {type(work.pipe).__name__}) on {env['device_name']}, "
+          f"{len(work.calls)} call(s) of {work.steps} steps per row, {len(rows)} rows, {args.repeats} rounds",
+          file=sys.stderr)
+    if work.random_weights:
+        print(f"note: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
+    results, stopped = run(work, rows, repeats=args.repeats, warmup=not args.no_warmup)
+    rep = report(work, results, repeats=args.repeats, stopped=stopped, env=env)
+    print(f"\n### {args.model}: {env['device_name']}, torch {env['torch']}, diffusers {env['diffusers']}, "
+          f"commit {env['commit'] or '-'}, {env['date']}\n")
+    print(f"{len(work.calls)} call(s) per row ({work.steps} steps); time: {env['timing']}, median of "
+          f"{args.repeats} round(s) after a warm-up; fidelity against the baseline's output of the same prompt and "
+          "seed" + (" and the checker's scores" if work.scorer else "") + "\n")
+    print(table(results))
+    if work.random_weights:
+        print(f"\nNote: {RANDOM_WEIGHTS_NOTE}.")
+    if stopped:
+        print("\nStopped early: the rows above hold what was measured.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=1, default=str))
+        print(f"\nwrote {args.json}")
+    return 130 if stopped else 0

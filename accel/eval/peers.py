@@ -1,0 +1,183 @@
+"""The peers `accel bench` measures beside our techniques, each at its own documented default.
+
+A peer is switched on before a timed call and off after it, on the same pipeline as every other row
+(so it sees the same weights, memory and clock). A peer that is not installed, or that does not cover
+the pipeline's family, is not run: `unavailable` says why, and the report lists it with that reason.
+
+- diffusers' own step caches, on transformers with ``enable_cache`` (``CacheMixin``): FirstBlockCache,
+  MagCache (with the magnitude ratios diffusers ships, which exist for Flux only), TaylorSeer,
+  Pyramid Attention Broadcast and FasterCache.
+- cache-dit 1.5.x: DBCache (its default F8B0) and DBCache F1B0 with its TaylorSeer calibrator.
+- tomesd (token merging for SD UNets) and DeepCache (UNet feature caching).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Peer:
+    """One peer setting: ``enable(pipe, steps)`` / ``disable(pipe)`` around a call of ``steps`` steps."""
+
+    name: str
+    package: str  # the import name whose absence skips it
+    install: str  # what to run to get it
+    kind: str  # "dit": transformers with diffusers' CacheMixin; "unet": StableDiffusion(XL) UNets; "any"
+    enable: Callable = field(repr=False)
+    disable: Callable = field(repr=False)
+    families: tuple[str, ...] = ()  # only these families (empty: every family of its kind)
+
+    def unavailable(self, pipe, family: str) -> str | None:
+        """Why this peer cannot run on ``pipe`` (None: it can)."""
+        if importlib.util.find_spec(self.package) is None:
+            return f"not installed ({self.install})"
+        if self.families and family not in self.families:
+            return f"only for {', '.join(self.families)} in this benchmark"
+        den = _denoiser(pipe)
+        if self.kind == "dit" and not hasattr(den, "enable_cache"):
+            return f"{type(den).__name__} has no diffusers enable_cache (CacheMixin)"
+        if self.kind == "unet" and not hasattr(pipe, "unet"):
+            return "works on UNet pipelines (SD1.5, SDXL) only"
+        return None
+
+
+def _denoiser(pipe):
+    return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+
+
+# --- diffusers' caches ---------------------------------------------------------------------------
+def _diffusers(make_config: Callable) -> tuple[Callable, Callable]:
+    def enable(pipe, steps):
+        _denoiser(pipe).enable_cache(make_config(pipe, steps))
+
+    def disable(pipe):
+        _denoiser(pipe).disable_cache()
+
+    return enable, disable
+
+
+def _timestep(pipe) -> Callable[[], int]:
+    return lambda: pipe.current_timestep
+
+
+def _fbc(pipe, steps):
+    from diffusers import FirstBlockCacheConfig
+
+    return FirstBlockCacheConfig()
+
+
+def _mag(pipe, steps):
+    from diffusers import MagCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    return MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps)
+
+
+def _taylor(pipe, steps):
+    from diffusers import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig()
+
+
+def _pab(pipe, steps):
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                           current_timestep_callback=_timestep(pipe))
+
+
+def _faster(pipe, steps):
+    from diffusers import FasterCacheConfig
+
+    return FasterCacheConfig(current_timestep_callback=_timestep(pipe),
+                             is_guidance_distilled=type(pipe).__name__.startswith("Flux"),
+                             tensor_format="BFCHW" if type(pipe).__name__.startswith("CogVideoX") else "BCFHW")
+
+
+# --- cache-dit ------------------------------------------------------------------------------------
+def _cache_dit(taylor: bool) -> tuple[Callable, Callable]:
+    def enable(pipe, steps):
+        os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # its per-call notes go to stderr otherwise
+        import cache_dit
+
+        if taylor:
+            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0),
+                                   calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1))
+        else:
+            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig())
+
+    def disable(pipe):
+        import cache_dit
+
+        cache_dit.disable_cache(pipe)
+
+    return enable, disable
+
+
+# --- UNet peers -----------------------------------------------------------------------------------
+def _tomesd() -> tuple[Callable, Callable]:
+    def enable(pipe, steps):
+        import tomesd
+
+        tomesd.apply_patch(pipe, ratio=0.5)
+
+    def disable(pipe):
+        import tomesd
+
+        tomesd.remove_patch(pipe)
+
+    return enable, disable
+
+
+def _deepcache() -> tuple[Callable, Callable]:
+    helpers = {}
+
+    def enable(pipe, steps):
+        from DeepCache import DeepCacheSDHelper
+
+        helper = helpers[id(pipe)] = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+
+    def disable(pipe):
+        helper = helpers.pop(id(pipe), None)
+        if helper is not None:
+            helper.disable()
+
+    return enable, disable
+
+
+_CACHE_DIT = "pip install 'cache-dit>=1.5,<1.6'"
+PEERS: dict[str, Peer] = {p.name: p for p in (
+    Peer("diffusers FirstBlockCache 0.05", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_fbc)),
+    Peer("diffusers MagCache (Flux ratios)", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_mag),
+         families=("flux",)),
+    Peer("diffusers TaylorSeer interval 5", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_taylor)),
+    Peer("diffusers PAB spatial 2", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_pab)),
+    Peer("diffusers FasterCache", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_faster)),
+    Peer("cache-dit DBCache F8B0", "cache_dit", _CACHE_DIT, "any", *_cache_dit(False)),
+    Peer("cache-dit DBCache F1B0 + TaylorSeer", "cache_dit", _CACHE_DIT, "any", *_cache_dit(True)),
+    Peer("tomesd ratio 0.5", "tomesd", "pip install tomesd", "unet", *_tomesd()),
+    Peer("DeepCache interval 3", "DeepCache", "pip install DeepCache", "unet", *_deepcache()),
+)}
+
+
+def select(spec: str | None) -> list[Peer]:
+    """Peers named by ``spec``: "all", "none"/"" or a comma list of names or name prefixes
+    (``cache-dit``, ``diffusers``, ``tomesd``, ``DeepCache``, case-insensitive)."""
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return []
+    if spec.strip().lower() == "all":
+        return list(PEERS.values())
+    out = []
+    for part in (p.strip().lower() for p in spec.split(",") if p.strip()):
+        hits = [p for p in PEERS.values() if p.name.lower().startswith(part)]
+        if not hits:
+            raise ValueError(f"--peers: no peer is called {part!r}; peers: all, none, or names starting with "
+                             f"{', '.join(sorted({n.split()[0] for n in PEERS}))} ({'; '.join(PEERS)})")
+        out += [p for p in hits if p not in out]
+    return out
