@@ -182,7 +182,8 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
     finally:
         bar.close()
 
-    passing = [r for r in results.values() if r.kind != "baseline" and r.meets(floor) and r.speedup]
+    # a setting that did nothing on these calls (identical output) is never a pick, whatever the clock said
+    passing = [r for r in results.values() if r.kind != "baseline" and r.meets(floor) and r.speedup and r.engaged]
     presets = [r for r in passing if r.kind == "preset"]
     final: list[bench.Result] = []
     if passing and stopped is None:
@@ -196,7 +197,7 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
             stopped = "interrupted"
             final = []
     ranked = [r for r in (final or list(results.values()))
-              if r.kind != "baseline" and r.ran and r.meets(floor) and (r.speedup or 0) > 1 + SPEED_TIE]
+              if r.kind != "baseline" and r.ran and r.meets(floor) and r.engaged and (r.speedup or 0) > 1 + SPEED_TIE]
     pick = _fastest(ranked)
     best_preset = _fastest([r for r in ranked if r.kind == "preset"])
     from ..config import Config
