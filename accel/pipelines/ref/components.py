@@ -90,22 +90,38 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
 
 
 def fit(models: list, loss_fn, steps: int, lr: float, seed: int, tag: str, *, weight_decay: float = 0.01,
-        ema: bool = True) -> float:
+        ema: bool = True, seconds: float | None = None, autocast=None, record: dict | None = None) -> float:
     """The training loop the reference scripts share: AdamW over ``models`` with a cosine schedule,
     gradient clipping and (``ema``) an EMA copied back at the end; ``loss_fn(g)`` draws its batch
-    (from the seeded generator ``g`` where it wants one) and returns the loss. Returns the last
-    loss; models end in eval mode."""
+    (from the seeded CPU generator ``g`` where it wants one) and returns the loss. Returns the last
+    loss; models end in eval mode.
+
+    ``seconds``: a wall-time budget. The first `PROBE_STEPS` steps (inside the warm-up, whose
+    learning rate does not depend on the total) are timed, then the total is fixed to what fits
+    (at most ``steps``) and the cosine runs over it, so ``steps`` = that total reproduces the run
+    without a budget. ``autocast``: a dtype for `torch.autocast` on the models' device (bf16 on a
+    GPU). ``record``: filled with the steps run and their seconds."""
     params = [p for m in models for p in m.parameters()]
+    device = params[0].device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     emas = [EMA(m) for m in models] if ema else []
     g = torch.Generator().manual_seed(seed)
-    log, last = Log(), 0.0
+    log, last, t0, total = Log(), 0.0, time.time(), steps
+    t_probe = t0
     for m in models:
         m.train()
-    for step in range(steps):
+    step = 0
+    while step < total:
+        if seconds is not None and step == PROBE_STEPS and total > PROBE_STEPS:
+            per_step = (time.time() - t_probe) / (PROBE_STEPS - PROBE_SKIP)
+            total = min(steps, PROBE_STEPS + max(int((seconds - (time.time() - t0)) / per_step), 0))
+            print(f"[{tag}] {per_step * 1000:.0f} ms a step: {total} steps fit {seconds:.0f}s", flush=True)
+        if step == PROBE_SKIP:
+            t_probe = time.time()  # the first steps pay for allocation and kernel selection
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
-        loss = loss_fn(g)
+            group["lr"] = cosine_lr(step, total, lr)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss = loss_fn(g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -113,12 +129,19 @@ def fit(models: list, loss_fn, steps: int, lr: float, seed: int, tag: str, *, we
         for e, m in zip(emas, models, strict=False):
             e.update(m)
         last = loss.item()
-        log(tag, step, steps, last)
+        log(tag, step, total, last)
+        step += 1
     for e, m in zip(emas, models, strict=False):
         e.copy_to(m)
     for m in models:
         m.eval()
+    if record is not None:
+        record.update(steps=total, seconds=round(time.time() - t0, 1))
     return last
+
+
+# A budgeted `fit` times steps PROBE_SKIP..PROBE_STEPS (inside cosine_lr's 50 warm-up steps).
+PROBE_SKIP, PROBE_STEPS = 5, 20
 
 
 class Log:
@@ -142,12 +165,12 @@ def command(script: str, argv) -> str:
     return " ".join([f"python -m accel.pipelines.ref.{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
-def save(pipe, folder: Path) -> None:
+def save(pipe, folder: Path, **kwargs) -> None:
     """The trained pipeline into ``folder`` as safetensors, loadable by path (and by name under
-    ``MODELS_DIR``)."""
+    ``MODELS_DIR``); ``kwargs`` go to ``save_pretrained`` (``max_shard_size``)."""
     pipe.set_progress_bar_config(disable=True)
     folder.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.save_pretrained(folder, safe_serialization=True, **kwargs)
 
 
 def finish(folder: Path, record: dict, seconds: float, script: str, argv) -> None:

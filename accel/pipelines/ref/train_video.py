@@ -47,13 +47,15 @@ VAE_WINDOW = 9  # frames per autoencoder training clip: the first chunk, one cac
 VAE_STEPS = 2000
 
 
-def build_vae():
+def build_vae(spatial: int = 4):
+    """``spatial``x spatial (a power of 2), 2x temporal compression to 4 latent channels."""
     from diffusers import AutoencoderKLWan
 
+    levels = spatial.bit_length() - 1  # one downsampling level per factor 2; the last also halves time
     # scale_factor_*: what WanPipeline sizes its latents by (the defaults are the released 4x / 8x).
-    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
-                            temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-                            scale_factor_temporal=2, scale_factor_spatial=4)
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1] + [2] * levels, num_res_blocks=1,
+                            temperal_downsample=[False] * (levels - 1) + [True], latents_mean=[0.0] * 4,
+                            latents_std=[1.0] * 4, scale_factor_temporal=2, scale_factor_spatial=spatial)
 
 
 def build_text_encoder(tok, d_model: int = 64):
@@ -67,14 +69,18 @@ def build_text_encoder(tok, d_model: int = 64):
     ))  # fmt: skip
 
 
-def build_transformer():
+TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=32, in_channels=4, out_channels=4,
+    text_dim=64, freq_dim=64, ffn_dim=192, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)  # fmt: skip
+
+
+def build_transformer(**sizes):
+    """ref-video's WanTransformer3DModel; ``sizes`` replace fields of `TRANSFORMER`."""
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=32, in_channels=4, out_channels=4,
-        text_dim=64, freq_dim=64, ffn_dim=192, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )  # fmt: skip
+    return WanTransformer3DModel(**{**TRANSFORMER, **sizes})
 
 
 def scheduler():
@@ -89,18 +95,24 @@ def to_video_tensor(videos: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() * 2 - 1
 
 
-def to_latent_grid(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, 1 + 2k, H, W) -> (B, C, 1 + k, H/4, W/4): averaged as the causal VAE groups frames (the
-    first alone, then pairs) and 4x4 pixels."""
-    return torch.cat([F.avg_pool3d(x[:, :, :1], (1, 4, 4)), F.avg_pool3d(x[:, :, 1:], (2, 4, 4))], 2)
+def to_latent_grid(x: torch.Tensor, spatial: int = 4) -> torch.Tensor:
+    """(B, C, 1 + 2k, H, W) -> (B, C, 1 + k, H/s, W/s): averaged as the causal VAE groups frames (the
+    first alone, then pairs) and ``spatial`` x ``spatial`` pixels."""
+    s = spatial
+    return torch.cat([F.avg_pool3d(x[:, :, :1], (1, s, s)), F.avg_pool3d(x[:, :, 1:], (2, s, s))], 2)
 
 
-def clip_batch(rng, n: int, window: int | None = None):
+def training_clips(rng, n: int, frames: int = FRAMES) -> list:
     # Directions are what the checker scores: 60% of clips, the other motions share the rest.
     clips = []
     for _ in range(n):
         motions = tuple(shapes.DIRECTIONS) if rng.random() < 0.6 else ("bouncing", "rotating", "changing")
-        clips.append(shapes.training_clip(rng, frames=FRAMES, motions=motions))
+        clips.append(shapes.training_clip(rng, frames=frames, motions=motions))
+    return clips
+
+
+def clip_batch(rng, n: int, window: int | None = None):
+    clips = training_clips(rng, n)
     videos = np.stack([shapes.render_clip(c, SIZE) for c in clips])
     if window:  # the causal VAE takes any 1 + 4k frames; shorter windows train it cheaper
         start = int(rng.integers(FRAMES - window + 1))
@@ -108,23 +120,31 @@ def clip_batch(rng, n: int, window: int | None = None):
     return videos, [c.prompt for c in clips]
 
 
-def train_vae(vae, rng, steps: int, batch: int, lr: float) -> float:
+def rendered_window(rng, batch: int):
+    """Training clips rendered now, a `VAE_WINDOW`-frame window of each: (video tensor, object mask)."""
+    videos = clip_batch(rng, batch, window=VAE_WINDOW)[0]
+    return to_video_tensor(videos), foreground_mask(videos)
+
+
+def train_vae(vae, rng, steps: int, batch: int, lr: float, sample=rendered_window, spatial: int = 4,
+              **fit_options) -> float:
+    """``sample(rng, batch)`` -> (clips (B, 3, F, H, W) in [-1, 1], object masks (B, 1, F, H, W));
+    ``fit_options`` go to `components.fit` (a time budget, autocast)."""
     def loss_fn(g):
-        videos = clip_batch(rng, batch, window=VAE_WINDOW)[0]
-        x = to_video_tensor(videos)
+        x, mask = sample(rng, batch)
         # The posterior mean plus a little fixed noise: a few hundred steps do not shrink the
         # posterior's own std (it starts at 1), and latents that are mostly noise are hard to model.
         mean = vae.encode(x).latent_dist.mean
         rec = vae.decode(mean + LATENT_NOISE * torch.randn_like(mean)).sample
         # Three channels anchored to the pooled clip: colour and place are plain in the latent.
-        anchor = F.mse_loss(mean[:, :3], to_latent_grid(x))
+        anchor = F.mse_loss(mean[:, :3], to_latent_grid(x, spatial))
         # A small object's colour is mixed with the background in that pooled grid; a plain loss
         # left the decoder returning the mix (held-out round trip 0.75 colour, blue read as teal),
         # the loss weighted towards object pixels unmixes it (1.00).
-        w = 1.0 + FOREGROUND_WEIGHT * foreground_mask(videos)
+        w = 1.0 + FOREGROUND_WEIGHT * mask
         return weighted_mean((rec - x) ** 2, w) + 0.5 * weighted_mean((rec - x).abs(), w) + anchor
 
-    return C.fit([vae], loss_fn, steps, lr, 0, "vae", weight_decay=0.0, ema=False)
+    return C.fit([vae], loss_fn, steps, lr, 0, "vae", weight_decay=0.0, ema=False, **fit_options)
 
 
 def foreground_mask(videos: np.ndarray) -> torch.Tensor:
@@ -132,9 +152,11 @@ def foreground_mask(videos: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack([[checker.foreground(f)[0] for f in v] for v in videos])).float()[:, None]
 
 
-def foreground_weights(videos: np.ndarray) -> torch.Tensor:
-    """Per-latent-pixel loss weights of clips (B, F, H, W, 3): 1 + FOREGROUND_WEIGHT x object cover."""
-    return 1.0 + FOREGROUND_WEIGHT * to_latent_grid(foreground_mask(videos))
+@torch.no_grad()
+def encode_clips(vae, x: torch.Tensor, mask: torch.Tensor, spatial: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means of clips ``x`` (B, 3, F, H, W) and their per-latent-pixel loss weights from object
+    masks (B, 1, F, H, W): 1 + FOREGROUND_WEIGHT x object cover."""
+    return vae.encode(x).latent_dist.mean, 1.0 + FOREGROUND_WEIGHT * to_latent_grid(mask, spatial)
 
 
 @torch.no_grad()
@@ -143,72 +165,102 @@ def latent_pool(vae, rng, n: int, chunk: int = 32):
     means, weights, prompts = [], [], []
     for i in range(0, n, chunk):
         vids, p = clip_batch(rng, min(chunk, n - i))
-        means.append(vae.encode(to_video_tensor(vids)).latent_dist.mean)
-        weights.append(foreground_weights(vids))
+        m, w = encode_clips(vae, to_video_tensor(vids), foreground_mask(vids))
+        means.append(m)
+        weights.append(w)
         prompts += p
     return torch.cat(means), torch.cat(weights), prompts
+
+
+def normalise_pool(vae, pool, fit: bool):
+    """``pool`` with its latents in the units the pipeline denoises in; ``fit``: first set the
+    autoencoder's latents_mean / latents_std (which WanPipeline applies) from these latents."""
+    if fit:
+        vae.register_to_config(latents_mean=pool[0].mean(dim=(0, 2, 3, 4)).tolist(),
+                               latents_std=pool[0].std(dim=(0, 2, 3, 4)).tolist())
+    view = (1, -1, 1, 1, 1)
+    mean, std = (torch.tensor(v, device=pool[0].device).view(view)
+                 for v in (vae.config.latents_mean, vae.config.latents_std))
+    return ((pool[0] - mean) / std, *pool[1:]), std
 
 
 def encode_text(text_encoder, tok, prompts, length: int) -> torch.Tensor:
     """As WanPipeline does: encode with the mask, keep the real tokens, zero-pad to ``length``."""
     t = tok(prompts, padding="max_length", max_length=C.MAX_TOKENS, truncation=True, return_tensors="pt")
-    emb = text_encoder(t.input_ids, t.attention_mask).last_hidden_state * t.attention_mask[..., None]
+    ids, mask = (v.to(text_encoder.device) for v in (t.input_ids, t.attention_mask))
+    emb = text_encoder(ids, mask).last_hidden_state * mask[..., None]
     return F.pad(emb, (0, 0, 0, length - emb.shape[1]))
 
 
 def train_transformer(transformer, text_encoder, tok, pool, steps: int, batch: int, lr: float, seed: int,
-                      shift: float = 3.0, latent_noise=LATENT_NOISE) -> float:
-    """``pool``: normalised latents, loss weights, prompts; ``latent_noise``: the decoder's noise in
-    those units."""
+                      shift: float = 3.0, latent_noise=LATENT_NOISE, **fit_options) -> float:
+    """``pool``: normalised latents, loss weights, prompts (latents and weights on the models' device);
+    ``latent_noise``: the decoder's noise in those units; ``fit_options`` go to `components.fit`. The
+    random draws come from a CPU generator, so a run is the same on any device."""
     means, weights, prompts = pool
+    dev = means.device
 
     def loss_fn(g):
         idx = torch.randint(len(means), (batch,), generator=g)
-        x0 = means[idx] + latent_noise * torch.randn(means[idx].shape, generator=g)
+        x0 = means[idx.to(dev)] + latent_noise * torch.randn((batch, *means.shape[1:]), generator=g).to(dev)
         texts = ["" if float(torch.rand((), generator=g)) < 0.1 else prompts[i] for i in idx.tolist()]
         # Mostly the short padding the tests and CLI use, sometimes the pipeline's default 512.
         length = 512 if float(torch.rand((), generator=g)) < 0.2 else C.MAX_TOKENS
         cond = encode_text(text_encoder, tok, texts, length)
         u = torch.rand(batch, generator=g)
-        sigma = shift * u / (1 + (shift - 1) * u)
-        noise = torch.randn(x0.shape, generator=g)
+        sigma = (shift * u / (1 + (shift - 1) * u)).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         pred = transformer(xt, sigma * 1000, cond).sample
-        return weighted_mse(pred, noise - x0, weights[idx])
+        return weighted_mse(pred.float(), noise - x0, weights[idx.to(dev)])
 
-    return C.fit([transformer, text_encoder], loss_fn, steps, lr, seed, "transformer")
+    return C.fit([transformer, text_encoder], loss_fn, steps, lr, seed, "transformer", **fit_options)
+
+
+def middle_scene(clip) -> shapes.Scene:
+    """The clip's scene as its middle frame shows it."""
+    x, y, angle = shapes.clip_positions(clip)[clip.frames // 2]
+    s = shapes.dataclasses.replace(clip.scene.shapes[0], x=x, y=y, angle=angle)
+    return shapes.dataclasses.replace(clip.scene, shapes=(s,))
+
+
+def verdicts(video, clip) -> dict[str, bool]:
+    """The checker's verdicts on one clip: did it move as asked (direction), and does its middle frame
+    show the asked colour / shape."""
+    video = np.asarray(video)
+    still = checker.check_scene(video[clip.frames // 2], middle_scene(clip))[0]
+    return {"direction": checker.motion_direction(video) == clip.motion, **still}
 
 
 def score(videos, clips) -> dict:
-    """Direction accuracy of ``videos``, and colour / shape of their middle frame."""
-    mid = FRAMES // 2
-    scenes = []
-    for c in clips:
-        x, y, angle = shapes.clip_positions(c)[mid]
-        s = shapes.dataclasses.replace(c.scene.shapes[0], x=x, y=y, angle=angle)
-        scenes.append(shapes.dataclasses.replace(c.scene, shapes=(s,)))
-    still = checker.score_images([np.asarray(v)[mid] for v in videos], scenes)
-    return {**checker.score_clips(videos, clips), "colour": still["colour"], "shape": still["shape"]}
+    """Direction accuracy of ``videos`` (over the clips whose motion is a direction), and colour / shape
+    of their middle frame."""
+    found = [verdicts(v, c) for v, c in zip(videos, clips, strict=True)]
+    moving = [f["direction"] for f, c in zip(found, clips, strict=True) if c.motion in shapes.DIRECTIONS]
+    n = max(len(found), 1)
+    return {"direction": sum(moving) / max(len(moving), 1), "clips": len(moving),
+            "colour": sum(f["colour"] for f in found) / n, "shape": sum(f["shape"] for f in found) / n}
 
 
 @torch.no_grad()
-def round_trip(vae, n: int = 24) -> dict:
+def round_trip(vae, n: int = 24, size: int = SIZE, frames: int = FRAMES) -> dict:
     """The autoencoder's own ceiling: held-out clips encoded, decoded and scored."""
-    clips = shapes.held_out_clips(n, frames=FRAMES)
-    x = to_video_tensor(np.stack([shapes.render_clip(c, SIZE) for c in clips]))
+    clips = shapes.held_out_clips(n, frames=frames)
+    x = to_video_tensor(np.stack([shapes.render_clip(c, size) for c in clips])).to(vae.device, vae.dtype)
     rec = torch.cat([vae.decode(vae.encode(x[i : i + 8]).latent_dist.mean).sample for i in range(0, n, 8)])
-    return score(list(((rec + 1) / 2).permute(0, 2, 3, 4, 1).numpy()), clips)
+    return score(list(((rec.float().cpu() + 1) / 2).permute(0, 2, 3, 4, 1).numpy()), clips)
 
 
 @torch.no_grad()
-def evaluate(pipe, n: int = 40, steps: int = 20, guidance: float = 5.0, seed: int = 0, batch: int = 8) -> dict:
+def evaluate(pipe, n: int = 40, steps: int = 20, guidance: float = 5.0, seed: int = 0, batch: int = 8,
+             size: int = SIZE, frames: int = FRAMES) -> dict:
     """Motion-direction accuracy on ``n`` held-out prompts (moving left/right/up/down)."""
-    clips = shapes.held_out_clips(n, frames=FRAMES)
+    clips = shapes.held_out_clips(n, frames=frames)
     videos = []
     for i in range(0, n, batch):
         part = clips[i : i + batch]
-        out = pipe([c.prompt for c in part], num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=steps,
+        out = pipe([c.prompt for c in part], num_frames=frames, height=size, width=size, num_inference_steps=steps,
                    guidance_scale=guidance, max_sequence_length=C.MAX_TOKENS, output_type="np",
                    generator=torch.Generator().manual_seed(seed + i))
         videos += list(out.frames)
@@ -283,18 +335,14 @@ def main(argv=None) -> None:
     t_vae = time.time() - t0
     ceiling = round_trip(vae, min(args.eval, 24)) if args.eval else {}
     print(f"VAE round trip of held-out clips: {ceiling}", flush=True)
-    pool = latent_pool(vae, rng, args.pool)
-    if vae_loss is not None:  # trained here: fit the latent normalisation the pipeline applies
-        vae.register_to_config(latents_mean=pool[0].mean(dim=(0, 2, 3, 4)).tolist(),
-                               latents_std=pool[0].std(dim=(0, 2, 3, 4)).tolist())
+    # trained here: fit the latent normalisation the pipeline applies
+    pool, std = normalise_pool(vae, latent_pool(vae, rng, args.pool), fit=vae_loss is not None)
+    if vae_loss is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         vae.save_pretrained(args.out / "vae", safe_serialization=True)  # reusable (--vae-from) if a later stage fails
-    mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
-    view = (1, -1, 1, 1, 1)
-    pool = ((pool[0] - mean.view(view)) / std.view(view), pool[1], pool[2])
     print(f"latent pool {len(pool[2])} clips ({time.time() - t0:.0f}s)", flush=True)
     loss = train_transformer(transformer, text_encoder, tok, pool, args.steps, args.batch, 1e-3, args.seed,
-                             latent_noise=LATENT_NOISE / std.view(view))
+                             latent_noise=LATENT_NOISE / std)
     t_train = time.time() - t0
     pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
                        scheduler=scheduler())
