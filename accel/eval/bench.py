@@ -373,7 +373,9 @@ def table(results: list[Result]) -> str:
             why = f"skipped: {r.skipped}" if r.skipped else f"error: {r.error}" if r.error else "not run (stopped)"
             lines.append("| " + " | ".join([r.label, why] + [""] * (len(head) - 2)) + " |")
             continue
-        cells = [r.label, f"{r.seconds:.3f}", f"{r.speedup:.2f}x" if r.speedup else "-"]
+        idle = r.kind != "baseline" and r.psnr is None and r.psnr_worst is None and not r.engaged
+        speed = f"{r.speedup:.2f}x" if r.speedup else "-"
+        cells = [r.label, f"{r.seconds:.3f}", f"{speed} (noise)" if idle and r.speedup else speed]
         if peak:
             cells.append("-" if r.peak_gib is None else f"{r.peak_gib:.1f}")
         if r.kind == "baseline":
