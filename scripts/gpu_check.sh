@@ -34,7 +34,7 @@ if python3 -c "import pytest" 2>/dev/null; then
     echo "pytest-timeout is not installed: no per-test timeout (the ${PYTEST_S} s cap still holds)"; fi
   # the files that hold gpu tests: collecting all of tests/ would import the app's packages (gradio, playwright)
   timeout -s INT -k 20 "$PYTEST_S" python3 -m pytest -m gpu -q -p no:cacheprovider --maxfail=20 \
-    ${per_test[@]+"${per_test[@]}"} ${GPU_CHECK_TESTS:-tests/test_gpu.py tests/combos/test_offload.py} 2>&1 | tee "$OUT/pytest.log"
+    ${per_test[@]+"${per_test[@]}"} ${GPU_CHECK_TESTS:-tests/test_gpu.py tests/combos/test_offload.py tests/pipelines/test_shape.py} 2>&1 | tee "$OUT/pytest.log"
   pytest_rc=${PIPESTATUS[0]}
 else
   echo "pytest is not installed: tests skipped" | tee "$OUT/pytest.log"
