@@ -12,7 +12,8 @@ smooth random field over the grid plus noise, so attention is local as in real v
 Reported: median speed-up (dense / sparse, > 1 is faster) in process CPU time (robust to the other
 jobs on a shared machine) and in wall time, and relative L2 error of the output. Part 2: a
 WanTransformer3DModel with Wan2.1-1.3B width (1536, 12 heads of 128, FFN 8960) at reduced depth,
-on 8192 video tokens + 64 text tokens: forward speed-up and PSNR of its output vs dense.
+on 8192 video tokens + 64 text tokens (the shape model ``shape:wan-1.3b:num_layers=N``, random weights):
+forward speed-up and PSNR of its output vs dense.
 Variants are timed round-robin (one warm-up each: compile excluded), so load drift hits all alike.
 Timings include our tile gather/scatter and mask lookup.
 """
@@ -25,12 +26,13 @@ import os
 
 import torch
 import torch.nn.functional as F
-from timing import median, round_robin, timed
 
 import accel
 from accel.attention.config import AttentionConfig
 from accel.attention.sparse import SparseAttention
+from accel.eval.clock import measure, median, round_robin
 from accel.eval.metrics import psnr
+from accel.pipelines import shape
 
 PATTERNS = ("tile", "spatial_temporal", "radial", "global_local", "topk")
 GRIDS = {"4k": (4, 32, 32), "8k": (8, 32, 32), "16k": (16, 32, 32)}
@@ -38,11 +40,11 @@ GRIDS = {"4k": (4, 32, 32), "8k": (8, 32, 32), "16k": (16, 32, 32)}
 
 def _interleaved(fns: dict, repeats: int):
     """{name: (median wall s, median process CPU s, last output)}: one untimed warm-up each (compiles flex once
-    per shape), then ``repeats`` rounds over all of them in turn (`timing.round_robin`)."""
+    per shape), then ``repeats`` rounds over all of them in turn (`accel.eval.clock.round_robin`)."""
     for fn in fns.values():
         fn()
-    samples, _ = round_robin({name: (lambda fn=fn: timed(fn)) for name, fn in fns.items()}, repeats)
-    return {n: (median(s, 1), median(s, 0), s[-1][2]) for n, s in samples.items()}
+    samples, _ = round_robin({name: (lambda fn=fn: measure(fn)) for name, fn in fns.items()}, repeats)
+    return {n: (median(s, "wall_s"), median(s, "seconds"), s[-1].out) for n, s in samples.items()}
 
 
 def video_qkv(grid, heads=1, dim=128, seed=0):
@@ -97,18 +99,8 @@ def attention_table(sizes, densities, repeats, patterns, backends, blocks):
     return rows
 
 
-def wan_model(blocks: int):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
-                                 in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
-                                 num_layers=blocks, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                 rope_max_seq_len=1024).eval()
-
-
 def wan_table(blocks, repeats, settings):
-    model = wan_model(blocks)
+    model = shape.make("wan-1.3b", device="cpu", overrides={"num_layers": blocks}).transformer
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, 8, 64, 64, generator=g)  # 8 x 32 x 32 = 8192 tokens after 1x2x2 patches
     # a smooth latent, as a partly denoised video is, so attention is local

@@ -1,12 +1,12 @@
 """Token merging / pruning benchmark: latency ratios and fidelity, side by side in one run.
 
-Part 1, SD1.5-shaped UNet (real SD1.5 config: 320/640/1280/1280, 8 heads, 768-d text; RANDOM
-weights, seed 0) at 512 px (64x64 latent, 4096 tokens at the top level) and 1024 px (128x128
+Part 1, SD1.5-shaped UNet (``shape:sd15``, the real SD1.5 config: 320/640/1280/1280, 8 heads, 768-d
+text; RANDOM weights, seed 0) at 512 px (64x64 latent, 4096 tokens at the top level) and 1024 px (128x128
 latent, 16384 tokens), batch 1 (``--cfg``: batch 2 with CFG): baseline, tomesd (PyPI)
 at 0.3 / 0.5, ours at the same ratios with tomesd's defaults (merge before self-attention, top
 level only).
-Part 2, Wan-shaped video transformer (Wan 2.1 1.3B widths: 12 heads x 128, FFN 8960; 1 block
-instead of 30 by default, random weights) at 4 x 32 x 32 = 4096 video tokens: baseline, merge, KV
+Part 2, Wan-shaped video transformer (``shape:wan-1.3b``, Wan 2.1 1.3B widths: 12 heads x 128, FFN
+8960; 1 block instead of 30 by default, random weights) at 4 x 32 x 32 = 4096 video tokens: baseline, merge, KV
 downsampling, cached pruning.
 
 Each configuration runs the same short denoising loop (a structured, partly noised latent, a few
@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
-from timing import median, round_robin, timed
 
 import accel
+from accel.eval.clock import measure, median, round_robin
 from accel.eval.metrics import psnr, ssim
+from accel.pipelines import shape
 
 
 def _as_image(lat, lo, hi):
@@ -100,16 +100,16 @@ def _measure(configs, make_run, repeats, title=None):
     def row(on, off):
         on()
         try:
-            return timed(make_run)
+            return measure(make_run)
         finally:
             off()
 
     def progress(rep, label, sample):
-        print(f"  [{rep + 1}/{repeats}] {label}: cpu {sample[0]:.1f} s, wall {sample[1]:.1f} s, "
+        print(f"  [{rep + 1}/{repeats}] {label}: cpu {sample.seconds:.1f} s, wall {sample.wall_s:.1f} s, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
 
     def results(samples):
-        return {k: (median(s, 0), median(s, 1), s[-1][2]) for k, s in samples.items()}
+        return {k: (median(s, "seconds"), median(s, "wall_s"), s[-1].out) for k, s in samples.items()}
 
     def partial(rep, samples):
         if title and rep + 1 < repeats:  # a usable table even if a long run is stopped early
@@ -136,17 +136,8 @@ def _table(title, results, baseline="baseline"):
 
 # --- part 1: SD1.5 UNet ------------------------------------------------------------------------
 
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-
-
 def bench_unet(size, steps, repeats, ratios, cfg_batch=True, like_tomesd=False, only=None):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15).eval()
+    unet = shape.make("sd15").unet
     _sharpen(unet)
     lat = size // 8
     batch = 2 if cfg_batch else 1
@@ -188,12 +179,7 @@ def bench_unet(size, steps, repeats, ratios, cfg_batch=True, like_tomesd=False, 
 # --- part 2: Wan-shaped video DiT --------------------------------------------------------------
 
 def bench_dit(grid, layers, steps, repeats, refresh, methods=None):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
-                                  in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
-                                  num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads").eval()
+    model = shape.make("wan-1.3b", overrides={"num_layers": layers}).transformer
     _sharpen(model)
     f, h, w = grid
     x0 = _structured_latent((1, 16, f, 2 * h, 2 * w), 1)
@@ -238,10 +224,7 @@ def bench_matching(size=1024, channels=320, repeats=5, ratios=(0.3, 0.5)):
 
     def cpu_ms(fn):
         fn()
-        t0 = time.process_time()
-        for _ in range(repeats):
-            fn()
-        return (time.process_time() - t0) / repeats * 1e3
+        return sum(measure(fn).seconds for _ in range(repeats)) / repeats * 1e3
 
     print(f"\nMatching at {h * w} tokens x {channels} channels (SD1.5 top level at {size} px), "
           f"CPU ms per block, mean of {repeats}")
