@@ -37,13 +37,13 @@ from .web_controls import api_name, api_type, config_over, knobs, section_title,
 from .web_engine import Engine
 from .web_examples import example_prompts, placeholder
 from .web_limits import FLAGS, Limits
-from .web_run import BASE_INPUTS, HISTORY_SIZE, handler
+from .web_run import BASE_INPUTS, CONFIG_PRESET, HISTORY_SIZE, handler
 from .web_stop import Runs
 
 
 def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits | None = None,
               out_dir: str | os.PathLike = "outputs/app", workers: int = 1, allow_model_paths: bool = False,
-              group=None, approx_cache: str | None = None):
+              group=None, approx_cache: str | None = None, config_sections: dict | None = None):
     """The web app as a ``gr.Blocks`` (queued; call `serve` or ``.launch`` on it).
 
     Args:
@@ -55,6 +55,9 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
         workers: pipelines to load with a loader; the queue runs one request per pipeline.
         group: rank 0's `accel.app.web_group.Leader` when a parallel worker group serves the one pipeline.
         approx_cache: the approximate cache's folder (`accel.ApproxCacheConfig.dir`) every Generate uses.
+        config_sections: the cache/tokens/attention sections of ``accel app --config FILE`` (an `accel tune`
+            output, a config file or a sidecar's config): offered as preset ``config`` (over the default preset,
+            as `accel generate --config` layers it), which the page and the API then start from.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -66,10 +69,19 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
     lim = engine.limits
     d = engine.defaults()
     family, video = engine.primary.family, engine.primary.video
+    from .batch import config_for
     from .generation import DEFAULT_PRESET
 
-    # the page opens on the default preset for this family: its knobs start at the preset's values
-    start = accel.preset(DEFAULT_PRESET, family)
+    # the page opens on the default preset for this family (or the --config file's config): its knobs start there
+
+    served = None if config_sections is None else config_for(DEFAULT_PRESET, config_sections, family)
+    default_preset = DEFAULT_PRESET if served is None else CONFIG_PRESET
+    preset_names = tuple(accel.available_presets()) + (() if served is None else (CONFIG_PRESET,))
+
+    def preset_config(name):
+        return served if served is not None and name == CONFIG_PRESET else accel.preset(name, family)
+
+    start = preset_config(default_preset)
     knob_list = [dataclasses.replace(k, default=getattr(getattr(start, k.section), k.name))
                  # multi-process parallelism is `accel generate`'s, and the approximate cache's folder is the
                  # server's (`accel app --approx-cache DIR`): neither is the page's to set
@@ -110,7 +122,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
                     fps = gr.Number(8, label="FPS of the MP4", precision=0, elem_id="fps")
                 batch = gr.Number(1, label="Outputs per run", precision=0,
                                   info=f"at most {lim.max_batch}", elem_id="batch")
-                preset = gr.Dropdown(list(accel.available_presets()), value=DEFAULT_PRESET, label="Preset",
+                preset = gr.Dropdown(list(preset_names), value=default_preset, label="Preset",
                                      info=f"fills the knobs below with the preset for {family}", elem_id="preset")
                 knob_widgets, section_errors = [], {}
                 for section, cls in sections():
@@ -148,7 +160,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
             api_trigger = gr.Button(visible=False)
             api_knobs = [_api_input(k) for k in knob_list]
             # the preset as the run checks it ("preset: 'x' is not a preset; choose one of ..."), not as a dropdown
-            api_preset = _api_input(None, DEFAULT_PRESET, Literal[tuple(accel.available_presets())])
+            api_preset = _api_input(None, default_preset, Literal[preset_names])
 
         base = dict(zip(BASE_INPUTS, [model, prompt, negative, width, height, steps, guidance, seed, randomize,
                                       frames, fps, batch, preset], strict=True))
@@ -158,11 +170,11 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
         outputs = [seed, baseline, result, summary, metrics, stats, files, history, history_gallery]
         run_kw = {"inputs": [history], "outputs": outputs, "concurrency_limit": concurrency,
                   "concurrency_id": "pipelines"}
-        api_doc = ("{what}. Pass prompt and what you change: preset (default " + DEFAULT_PRESET + "), and any "
+        api_doc = ("{what}. Pass prompt and what you change: preset (default " + default_preset + "), and any "
                    "knob as section_field (cache_threshold=...); a knob left out keeps the preset's value.")
         for mode, button, what in (("generate", gen_btn, "Generate with the acceleration"),
                                    ("compare", cmp_btn, "The baseline and the accelerated run, timed side by side")):
-            fn = handler(mode, engine, knob_list, family, runs)
+            fn = handler(mode, engine, knob_list, family, runs, preset_config, default_preset)
             # the page: one progress bar, on the main output; the API: named parameters
             button.click(fn, inputs_kwargs=page_inputs, show_progress="full", show_progress_on=[result],
                          api_name=f"page_{mode}", api_visibility="private", **run_kw)
@@ -179,7 +191,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
         def show_config(preset_name, *values):
             boxes = dict.fromkeys(section_errors, "")
             try:
-                cfg = config_over(knob_list, values, accel.preset(preset_name, family))
+                cfg = config_over(knob_list, values, preset_config(preset_name))
             except ValueError as e:
                 message = f"**Config error:** {str(e).replace('<', '&lt;')}"
                 section = str(e).split(":", 1)[0].split(".", 1)[0]  # "cache.interval: ..." -> cache
@@ -192,7 +204,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
               outputs=[config_code, config_file, *section_errors.values(), config_error], **ui)
 
         def apply_preset(name):
-            return values_from_config(knob_list, accel.preset(name, family))
+            return values_from_config(knob_list, preset_config(name))
 
         preset.change(apply_preset, inputs=preset, outputs=knob_widgets, **ui)
 
@@ -272,12 +284,28 @@ def add_parser(subparsers) -> None:
     p.add_argument("--approx-cache", default=None, metavar="DIR",
                    help="approximate cache folder (NIRVANA): Generate starts a prompt close to an earlier one from "
                         "its stored latent and skips its first steps (Compare runs without it)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="acceleration config file (.yaml/.json/.toml, e.g. from accel tune, or an output's sidecar): "
+                        f"offered as preset '{CONFIG_PRESET}', which the page and the API start from")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--parallel", default=None, metavar="FIELD=VALUE,...",
                    help="serve one pipeline on a parallel worker group, e.g. cfg=2 (accel.ParallelConfig): spawns "
                         "the degrees' product of processes; rank 0 serves the page, the others follow")
     p.set_defaults(func=cmd_app)
+
+
+def app_config(args) -> dict | None:
+    """The cache/tokens/attention sections of ``--config`` (None without one); a bad file raises the same
+    one-line error as `accel generate --config`."""
+    if not getattr(args, "config", None):
+        return None
+    from .batch import config_for, read_sections
+    from .generation import DEFAULT_PRESET
+
+    sections = read_sections(args.config, [])[1]
+    config_for(DEFAULT_PRESET, sections, None)  # a bad field is refused now, not on the first run
+    return sections
 
 
 def limits_from_args(args) -> Limits:
@@ -295,6 +323,7 @@ def cmd_app(args) -> int:
 
     model = args.model or DEFAULT_MODEL
     limits = limits_from_args(args)
+    app_config(args)  # a bad --config is refused before the model loads
     from .generation import parallel_config
 
     pcfg = parallel_config(args.parallel)
@@ -351,7 +380,8 @@ def _serve_app(args, loader, model: str, limits, workers: int, group=None) -> in
 
     check_writable(out_dir / "x.png")
     demo = build_app(loader, model, limits=limits, out_dir=out_dir, workers=workers,
-                     allow_model_paths=args.allow_model_paths, group=group, approx_cache=args.approx_cache)
+                     allow_model_paths=args.allow_model_paths, group=group, approx_cache=args.approx_cache,
+                     config_sections=app_config(args))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"accel app: serving on {args.host}: anyone who can reach this address can generate "
               "(limits still apply)")

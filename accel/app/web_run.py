@@ -35,17 +35,25 @@ BASE_INPUTS = ("model", "prompt", "negative_prompt", "width", "height", "steps",
 # What a run answers, in order (the page's output components, and the API's return values).
 OUTPUTS = ("seed", "baseline", "result", "summary", "metrics", "stats", "files", "history", "history_gallery")
 HISTORY_SIZE = 48
+# The preset name of `accel app --config FILE`'s config (offered beside the built-in presets).
+CONFIG_PRESET = "config"
 _PARSED = ("model", "negative_prompt", "width", "height", "steps", "guidance", "frames", "fps", "batch")
 
 
-def handler(mode: str, engine: Engine, knob_list, family: str, runs: Runs):
+def handler(mode: str, engine: Engine, knob_list, family: str, runs: Runs, preset_config=None,
+            default_preset: str | None = None):
     """The run function of ``mode`` (generate or compare) for gradio: ``run(history, request, progress,
-    **values)``, with a signature naming every value, so the API's parameters have those names."""
+    **values)``, with a signature naming every value, so the API's parameters have those names.
+    ``preset_config(name)``: the Config of a preset name (default `accel.preset` for ``family``; the app
+    adds ``config`` for its --config file); ``default_preset``: the preset of a call that names none."""
     import gradio as gr
 
     import accel
 
     from .generation import DEFAULT_PRESET
+
+    preset_config = preset_config or (lambda name: accel.preset(name, family))
+    default_preset = default_preset or DEFAULT_PRESET
 
     names = [api_name(k) for k in knob_list]
     progress_marker = gr.Progress()
@@ -53,11 +61,11 @@ def handler(mode: str, engine: Engine, knob_list, family: str, runs: Runs):
     async def run(history, request: gr.Request, progress=progress_marker, **values):
         gone, queued_at = client_watch()
         seed = random.randrange(2**31) if values.get("randomize_seed") else values.get("seed")
-        preset = values.get("preset") or DEFAULT_PRESET
+        preset = values.get("preset") or default_preset
         try:
             given = {k: values[k] for k in _PARSED if values.get(k) is not None}
             req = engine.parse(prompt=values.get("prompt"), **given, **({"seed": seed} if seed is not None else {}))
-            base = accel.preset(preset, family)
+            base = preset_config(preset)
             cfg = config_over(knob_list, [values.get(n) for n in names], base)
         except (InputError, LimitError, ValueError) as e:
             raise _error(e) from None

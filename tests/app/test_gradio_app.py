@@ -478,3 +478,38 @@ def test_approx_cache_serves_generate_and_not_compare(tiny_cache, tmp_path):
         assert "approx" not in compared.stats and compared.metrics["engaged"] == []
     finally:
         accel.remove(pipe)
+
+
+def test_a_config_file_is_offered_as_preset_config_and_runs(tmp_path, tiny_cache, capsys):
+    """`accel app --config tuned.yaml`: the page opens on it, a call that names no preset runs it, the sidecar
+    says `config`; a bad file is refused before the model loads."""
+    from accel.app import cli
+    from accel.app.gradio_app import app_config
+    from accel.app.web_run import CONFIG_PRESET, OUTPUTS, handler
+
+    good = tmp_path / "tuned.yaml"
+    good.write_text("cache: {method: deepcache, interval: 3, schedule: uniform}\ntokens: {ratio: 0.0}\n")
+    sections = app_config(SimpleNamespace(config=str(good)))
+    pipe = tiny_cache("sd15")
+    demo = build_app(pipe, "tiny-sd15", limits=LIMITS, out_dir=tmp_path / "out", config_sections=sections)
+    try:
+        dropdown = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "preset")
+        assert dropdown.value == CONFIG_PRESET and CONFIG_PRESET in [c[0] for c in dropdown.choices]
+        from accel.app.batch import config_for
+
+        served = config_for("balanced", sections, "sd15")  # layered as `accel generate --config` layers it
+        assert served.cache.interval == 3 and not served.tokens.enabled
+        fn = next(f for f in demo.fns.values() if f.api_name == "generate").fn
+        answer = asyncio.run(fn([], SimpleNamespace(session_hash="t"), lambda *a, **k: None, prompt="a cat", steps=4))
+        files = answer[OUTPUTS.index("files")]
+        side = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+        assert side["preset"] == CONFIG_PRESET and accel.Config.from_dict(side["config"]) == served
+        assert answer[OUTPUTS.index("stats")]["cache"]["reused"] > 0
+    finally:
+        demo.close()
+        accel.remove(pipe)
+    assert handler  # the page and the API share the run function
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache: {interval: 0}\n")
+    assert cli.main(["app", "--model", "tiny-sd15", "--config", str(bad)]) == 2
+    assert "cache.interval" in capsys.readouterr().err
