@@ -19,19 +19,19 @@ Parts (``--parts``, run in the order given; default ``PARTS``):
   L2 error against a masked dense fp32 reference (`backends.run("sdpa")`, per head group) where affordable.
 - ``sweep``: launch settings of our Triton kernel (`kernels.block_sparse.configs()`, indices
   ``--sweep-configs``) at one shape, tile d=0.25 and d=0.1, on tiled and on model-order q/k/v.
-- ``e2e``: diffusers WanPipeline with a random-weight Wan2.1-1.3B-size transformer (30 layers,
-  12x128 heads, FFN 8960, bf16) and the tiny pipeline's text encoder / VAE / scheduler, 480x832x81
+- ``e2e``: the shape model ``shape:wan-1.3b`` (a diffusers WanPipeline with Wan2.1-1.3B's transformer: 30
+  layers, 12x128 heads, FFN 8960, random weights, bf16; small text encoder and VAE), 480x832x81
   frames (21x30x52 latent tokens), 8 steps, CFG 5.0, latents out: seconds per call, speed-up and
   PSNR of the latents vs dense, and what ran (accel.stats). Rows: ``--e2e-rows``.
-- ``fwd14b``: a Wan2.1-14B-shape transformer at reduced depth (``--fwd14b-layers``), one forward at
-  720p x 81 frames, dense vs sparse.
+- ``fwd14b``: a Wan2.1-14B-shape transformer (``shape:wan-1.3b`` with 14B's widths) at reduced depth
+  (``--fwd14b-layers``), one forward at 720p x 81 frames, dense vs sparse.
 
-Timing: CUDA events, median over repeats after warm-up calls (the first call, which compiles flex /
-JITs triton, is reported apart). End-to-end rows run round-robin after one warm-up each, so clock
-and thermal drift hit every row alike. Each part (and each row) is wrapped: a failure prints its
-traceback and the run goes on. Every table is rewritten under ``--out`` after each row
-(``<table>.md``, all of them in ``results.md``, raw rows in ``results.json``), so a run stopped
-by a time limit keeps what it measured. ``--budget-s`` bounds the whole run: later rows, rounds
+Timing: `accel.eval.clock.measure` (CUDA events; process CPU time on a CPU), median over repeats after warm-up
+calls (the first call, which compiles flex / JITs triton, is reported apart, by its wall time). End-to-end
+rows run round-robin after one warm-up each, so clock and thermal drift hit every row alike. Each part (and
+each row) is wrapped: a failure prints its traceback and the run goes on. Every table is rewritten under
+``--out`` after each row (``<table>.md``, all of them in ``results.md``, raw rows in ``results.json``), so a
+run stopped by a time limit keeps what it measured. ``--budget-s`` bounds the whole run: later rows, rounds
 and parts are skipped (and say so) rather than overrun it.
 """
 
@@ -53,6 +53,9 @@ sys.path.insert(0, str(ROOT))  # this checkout's accel, also when the package is
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from accel.eval.clock import measure  # noqa: E402
+from accel.pipelines import shape  # noqa: E402
 
 SHAPES = {  # name: grid (F, H, W) of video tokens, heads, head size, timed calls, warm-up calls, fp32 reference
     "wan1.3b-480p": dict(grid=(21, 30, 52), heads=12, dim=128, reps=10, warmup=3, ref=True),
@@ -148,29 +151,18 @@ def _sync(device) -> None:
 
 def time_calls(fn, device, warmup: int, reps: int):
     """(first call ms, [ms of each timed call], last output): ``warmup`` untimed calls (the first
-    timed alone: compile / JIT), then ``reps`` calls each timed with CUDA events (CPU: perf_counter)."""
-    _sync(device)
-    t = time.perf_counter()
-    out = fn()
-    _sync(device)
-    first = (time.perf_counter() - t) * 1e3
+    timed alone, by its wall time: compile / JIT), then ``reps`` calls each timed by `accel.eval.clock.measure`
+    (CUDA events on CUDA, process CPU time on a CPU)."""
+    first = measure(fn, device)
+    out = first.out
     for _ in range(max(0, warmup - 1)):
         out = fn()
-    _sync(device)
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            out = fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            out = fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return first, times, out
+        sample = measure(fn, device)
+        times.append(sample.seconds * 1e3)
+        out = sample.out
+    return first.wall_s * 1e3, times, out
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -274,7 +266,7 @@ def part_kernels(name: str, spec: dict, a, device, dtype, report: Report, budget
              f"{str(dtype).replace('torch.', '')}, block {a.block}")
     header = ["backend", "path", "pattern", "target d", "realised d", "ms", "1st call ms", "speed-up vs dense",
               "frac. of ideal", "TFLOP/s eff.", "rel. L2 err"]
-    timer = "CUDA-event-timed" if device.type == "cuda" else "perf_counter-timed"
+    timer = "CUDA-event-timed" if device.type == "cuda" else "CPU-time-timed"
     notes = [f"median of {reps} {timer} calls after {warmup} warm-up(s); '1st call' includes compile / JIT",
              "engine = SparseAttention.attend on model-order q/k/v (tile reordering included); "
              "kernel = backends.run on pre-reordered tensors",
@@ -519,35 +511,17 @@ def _parse_rows(text: str, block: int, flex_compile: bool):
     return out
 
 
+SMOKE_WAN = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, freq_dim=32, text_dim=64)
+
+
 def build_wan_pipeline(a, device):
-    """The tiny Wan pipeline's text encoder, tokenizer, VAE and scheduler around a full-size random
-    transformer built directly on ``device`` in bf16 (smoke: a 2-layer narrow one in fp32)."""
-    from diffusers import WanPipeline, WanTransformer3DModel
-
-    from accel.pipelines import tiny
-
-    small = tiny.make("wan", device=device)
-    enc = small.text_encoder.config
-    text_dim = getattr(enc, "d_model", None) or enc.hidden_size
-    if a.smoke:
-        dims = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, freq_dim=32)
-    else:
-        dims = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, freq_dim=256)
-    torch.manual_seed(0)
-    with torch.device(device):
-        transformer = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=text_dim,
-                                            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-                                            rope_max_seq_len=1024, **dims)
-    transformer = transformer.to(a.e2e_dtype).eval()
-    pipe = WanPipeline(tokenizer=small.tokenizer, text_encoder=small.text_encoder, vae=small.vae,
-                       scheduler=small.scheduler, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    for attr, want in (("vae_scale_factor_spatial", 8), ("vae_scale_factor_temporal", 4)):
-        if getattr(pipe, attr, want) != want:
-            print(f"  setting pipe.{attr} = {want} (was {getattr(pipe, attr)}) for Wan's latent size")
-            setattr(pipe, attr, want)
+    """The shape model ``shape:wan-1.3b`` (Wan2.1-1.3B's transformer, random weights; small text encoder and VAE
+    at the real widths and compression) built directly on ``device`` in bf16 (smoke: 2 narrow layers in fp32)."""
+    pipe = shape.make("wan-1.3b", device=device, dtype=a.e2e_dtype,
+                      overrides={**SMOKE_WAN, "num_layers": 2} if a.smoke else None)
+    transformer = pipe.transformer
     n_params = sum(p.numel() for p in transformer.parameters())
-    return pipe, transformer, text_dim, n_params
+    return pipe, transformer, transformer.config.text_dim, n_params
 
 
 def part_e2e(a, device, report: Report, budget: Budget) -> None:
@@ -574,14 +548,12 @@ def part_e2e(a, device, report: Report, budget: Budget) -> None:
             accel.apply(pipe, cfg)
         try:
             gen = torch.Generator(device=device).manual_seed(0)
-            _sync(device)
-            t = time.perf_counter()
             with torch.no_grad():
-                out = pipe(prompt=prompt, negative_prompt=negative, height=a.height, width=a.width,
-                           num_frames=a.frames, num_inference_steps=steps, guidance_scale=a.guidance,
-                           output_type="latent", generator=gen).frames
-            _sync(device)
-            dt = time.perf_counter() - t
+                sample = measure(lambda: pipe(prompt=prompt, negative_prompt=negative, height=a.height, width=a.width,
+                                              num_frames=a.frames, num_inference_steps=steps,
+                                              guidance_scale=a.guidance, output_type="latent", generator=gen).frames,
+                                 device)
+            dt, out = sample.seconds, sample.out
             st = accel.stats(pipe) if cfg is not None else {}
         finally:
             if cfg is not None:
@@ -596,9 +568,10 @@ def part_e2e(a, device, report: Report, budget: Budget) -> None:
     header = ["row", "s / call", "speed-up vs off", "PSNR dB vs off", "attn sparse_calls", "attn dense_calls",
               "backend ran", "realised d", "techniques", "1st call s", "samples", "attn: why dense"]
     notes = [RANDOM_WEIGHTS_WARNING,
-             f"tiny pipeline's text encoder (hidden {text_dim}), tokenizer, VAE, scheduler; transformer grid checked "
+             f"shape:wan-1.3b's small text encoder (width {text_dim}), VAE and scheduler; transformer grid checked "
              "by a forward pre-hook", f"one warm-up call of {a.warm_steps} step(s) per row, then up to {a.rounds} "
-             "round(s) round-robin (torch.cuda.synchronize + perf_counter); PSNR over the dense latents' range",
+             "round(s) round-robin (accel.eval.clock: CUDA events; CPU time on a CPU); PSNR over the dense latents' "
+             "range",
              "the 'off' row's PSNR compares its second run with its first (run-to-run determinism)"]
     print(RANDOM_WEIGHTS_WARNING, flush=True)
     results = {label: dict(times=[], out=None, stats={}, first=None, err=None) for label, _, _ in specs}
@@ -711,25 +684,18 @@ def part_e2e(a, device, report: Report, budget: Budget) -> None:
 def part_fwd14b(a, device, report: Report, budget: Budget) -> None:
     """A Wan2.1-14B-shape transformer (5120 wide, 40 heads of 128, FFN 13824) at reduced depth, one forward at
     720p x 81 frames (21 x 45 x 80 = 75,600 tokens): dense vs sparse attention. Every layer is the same, so the
-    ratio is the full model's up to the share of the embeddings and the output head."""
-    from diffusers import WanTransformer3DModel
-
+    ratio is the full model's up to the share of the embeddings and the output head. The transformer is
+    ``shape:wan-1.3b`` with Wan2.1-14B's widths (the two configs differ only in heads and FFN width)."""
     import accel
 
     layers = a.fwd14b_layers
-    dims = dict(num_attention_heads=2, attention_head_dim=32, text_dim=64, freq_dim=32, ffn_dim=128) if a.smoke else \
-        dict(num_attention_heads=40, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=13824)
+    dims = SMOKE_WAN if a.smoke else dict(num_attention_heads=40, ffn_dim=13824)
     latent, n_text = ((3, 16, 32), 8) if a.smoke else ((21, 90, 160), 512)
     dtype = a.e2e_dtype
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, num_layers=layers,
-                                      cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-                                      rope_max_seq_len=1024, **dims)
-    model = model.to(dtype).eval()
+    model = shape.make("wan-1.3b", device=device, dtype=dtype, overrides={**dims, "num_layers": layers}).transformer
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(1, 16, *latent, generator=g, device=device, dtype=dtype)
-    text = torch.randn(1, n_text, dims["text_dim"], generator=g, device=device, dtype=dtype)
+    text = torch.randn(1, n_text, model.config.text_dim, generator=g, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)
     backend = "triton" if device.type == "cuda" else "gather"
     rows_spec = [("dense", None)] + [(f"{backend} {p} d={d}", {"attention": dict(

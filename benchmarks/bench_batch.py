@@ -12,7 +12,9 @@ Rows: 50 prompts (seeds 0..49) on ``tiny-sd15`` (32 px, 8 steps by default). Com
 All use one pipeline object, built once (model loading is not part of a row), and the same seeds.
 The machine is shared and its load drifts within minutes, so the rows run in chunks (10 rows) and
 every chunk runs under each configuration back to back, in rotating order; the ratio column is the
-median over chunks of (configuration time / plain-loop time on the same chunk). The driver runs
+median over chunks of (configuration time / plain-loop time on the same chunk). Times come from
+`accel.eval.clock.measure`: rows/min and the time ratio from its wall time (the driver's fsyncs wait
+on the disk, which CPU time leaves out), the CPU-time ratio beside it. The driver runs
 each chunk as a resumed batch into one folder, so its per-run costs (manifest read, resume
 check of the rows done so far) count five times, not once.
 Fidelity: mean PSNR / SSIM of each configuration's PNGs against the plain loop's (decoded uint8).
@@ -29,7 +31,6 @@ import io
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from accel.app import batch
 from accel.app.generation import generation_defaults
 from accel.app.prompts import Row
 from accel.app.workers import Rank
+from accel.eval.clock import measure
 from accel.eval.metrics import psnr, ssim
 from accel.pipelines import tiny
 from accel.pipelines.call import call_kwargs, to_frames
@@ -94,7 +96,8 @@ def main() -> None:
     presets = a.presets.split(",") if a.presets else [p for p in accel.available_presets() if p != "off"]
     configs = {"plain loop": None, "accel batch off": "off", **{f"accel batch {p}": p for p in presets}}
     chunks = [rows[i:i + a.chunk] for i in range(0, n, a.chunk)]
-    times: dict[str, list[float]] = {k: [] for k in configs}  # per chunk
+    times: dict[str, list[float]] = {k: [] for k in configs}  # wall seconds per chunk
+    cpu: dict[str, list[float]] = {k: [] for k in configs}  # process CPU seconds per chunk
     root = Path(tempfile.mkdtemp(prefix="bench_batch_"))
     labels = list(configs)
     try:
@@ -104,12 +107,13 @@ def main() -> None:
                 k = (rep * len(chunks) + c) % len(labels)
                 for label in labels[k:] + labels[:k]:  # rotate the order: no configuration always runs first
                     out = root / f"{rep}-{label.replace(' ', '_')}"
-                    t = time.perf_counter()
                     if configs[label] is None:
-                        _plain_loop(pipe, chunk, a.steps, out / f"c{c}")
+                        s = measure(lambda chunk=chunk, out=out, c=c: _plain_loop(pipe, chunk, a.steps, out / f"c{c}"))
                     else:  # the same folder each chunk: later chunks resume it, as a restarted batch would
-                        _accel_batch(pipe, chunk, a.steps, out, configs[label])
-                    times[label].append(time.perf_counter() - t)
+                        s = measure(lambda chunk=chunk, out=out, p=configs[label]: _accel_batch(pipe, chunk, a.steps,
+                                                                                               out, p))
+                    times[label].append(s.wall_s)
+                    cpu[label].append(s.seconds)
             print(f"  repeat {rep + 1}/{repeats}: " + ", ".join(
                 f"{lb} {60 * n / sum(times[lb][-len(chunks):]):.1f}" for lb in labels) + " rows/min", flush=True)
         base = _images(root / "0-plain_loop")
@@ -125,14 +129,16 @@ def main() -> None:
 
     print(f"\n{n} rows, tiny-sd15 32 px, {a.steps} steps, {repeats} repeat(s) of {len(chunks)} interleaved chunks; "
           f"torch threads {torch.get_num_threads()}")
-    print("| configuration | rows/min | time vs plain loop (median over chunks) | PSNR (dB) vs plain | SSIM vs plain |")
-    print("|---|---|---|---|---|")
+    print("| configuration | rows/min | time vs plain loop (median over chunks) | CPU time vs plain loop | "
+          "PSNR (dB) vs plain | SSIM vs plain |")
+    print("|---|---|---|---|---|---|")
     for label in configs:
         ratio = statistics.median(t / b for t, b in zip(times[label], times["plain loop"], strict=True))
+        cpu_ratio = statistics.median(t / b for t, b in zip(cpu[label], cpu["plain loop"], strict=True))
         ps, ss, exact = fidelity[label]
         ps_text = "inf (bitwise equal)" if exact else ("inf" if ps == float("inf") else f"{ps:.2f}")
         rate = 60 * n * repeats / sum(times[label])
-        print(f"| {label} | {rate:.1f} | {ratio:.3f} | {ps_text} | {ss:.4f} |")
+        print(f"| {label} | {rate:.1f} | {ratio:.3f} | {cpu_ratio:.3f} | {ps_text} | {ss:.4f} |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -73,6 +72,10 @@ def _frames(out):
 
 
 def _timed(pipe, kw, repeats, together=True):
+    """(median seconds, median seconds in synchronous collectives, last output). The figure is the wall
+    time of `accel.eval.clock.measure`: with several processes the time a rank waits on the others is
+    part of what parallelism costs, and a rank's CPU time leaves it out."""
+    from accel.eval.clock import measure
     from accel.parallel import runtime
 
     times, comm, out = [], [], None
@@ -80,9 +83,9 @@ def _timed(pipe, kw, repeats, together=True):
         if together:
             runtime.barrier()
         runtime.COMM_SECONDS["total"] = 0.0
-        t0 = time.perf_counter()
-        out = _frames(pipe(**kw()))
-        times.append(time.perf_counter() - t0)
+        sample = measure(lambda: _frames(pipe(**kw())))
+        out = sample.out
+        times.append(sample.wall_s)
         comm.append(runtime.COMM_SECONDS["total"])
     return statistics.median(times), statistics.median(comm), out
 
@@ -100,7 +103,7 @@ def worker(rank, path, quick, only=None):
     rows, pipes = [], {}
     for label, fam, over, cfg in cases:
         pipe = pipes.setdefault(fam, tiny.make(fam))
-        kw = lambda: tiny.example_inputs(fam, **{"num_inference_steps": STEPS, **over})  # noqa: E731
+        kw = lambda fam=fam, over=over: tiny.example_inputs(fam, **{"num_inference_steps": STEPS, **over})  # noqa: E731
         # The baseline runs alone on rank 0 (no collectives) while rank 1 waits.
         base_t, _, ref = _timed(pipe, kw, repeats, together=False) if rank == 0 else (0.0, 0.0, None)
         clip = cfg.get("clip", 1) > 1
@@ -169,8 +172,8 @@ def main():
     path = os.path.join(tempfile.mkdtemp(), "rows.json")
     spawn(worker, 2, (path, args.quick, args.only), backend="gloo", timeout_s=900)
     rows = json.load(open(path))
-    print(f"| strategy | model (tiny, random weights) | inputs | 1 process s | 2 ranks s | speedup | "
-          f"bytes/step/rank | sync comm s/step | exposed async wait s/step | overlap | PSNR dB |")
+    print("| strategy | model (tiny, random weights) | inputs | 1 process s | 2 ranks s | speedup | "
+          "bytes/step/rank | sync comm s/step | exposed async wait s/step | overlap | PSNR dB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         overlap = ""

@@ -27,19 +27,15 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from timing import median, round_robin, timed  # noqa: E402
-
-import accel  # noqa: E402
-from accel.eval.metrics import compare  # noqa: E402
-from accel.pipelines import tiny  # noqa: E402
-from accel.pipelines.call import to_frames  # noqa: E402
+import accel
+from accel.eval.clock import measure, median, round_robin
+from accel.eval.metrics import compare
+from accel.pipelines import tiny
+from accel.pipelines.call import to_frames
 
 UNETS = ("sd15", "sdxl", "animatediff")
 DITS = ("flux", "sd3", "pixart", "cogvideox", "wan", "ltx", "hunyuanvideo")
@@ -119,23 +115,32 @@ def build(name: str, folder: str | None):
 
 
 class DenoiserClock:
-    """CPU seconds spent inside the denoiser's forwards and the blocks they ran, per call."""
+    """The time of each of the denoiser's forwards (`accel.eval.clock.measure` around it: process CPU
+    time on a CPU) while open. It wraps the forward the pipeline calls now (with any hook installed
+    before it), so open it after switching a technique on and close it before switching it off."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, device="cpu"):
         self.module = pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
-        self.seconds, self._t0 = 0.0, None
-        self.handles = [self.module.register_forward_pre_hook(self._pre),
-                        self.module.register_forward_hook(self._post)]
+        self.times: list[float] = []
+        self._saved = self.module.__dict__.get("forward")
+        inner = self.module.forward
 
-    def _pre(self, *_):
-        self._t0 = time.process_time()
+        def forward(*args, **kwargs):
+            sample = measure(lambda: inner(*args, **kwargs), device)
+            self.times.append(sample.seconds)
+            return sample.out
 
-    def _post(self, *_):
-        self.seconds += time.process_time() - self._t0
+        self.module.forward = forward
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.times)
 
     def close(self):
-        for h in self.handles:
-            h.remove()
+        if self._saved is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self._saved
 
 
 def sweep(name: str, pipe, kwargs, grid: list[dict], steps: int, repeats: int) -> list[dict]:
@@ -154,10 +159,10 @@ def sweep(name: str, pipe, kwargs, grid: list[dict], steps: int, repeats: int) -
         try:
             clock = DenoiserClock(pipe)
             try:
-                total, _, out = timed(call)
+                total = measure(call)
             finally:
                 clock.close()
-            return clock.seconds, total, out, accel.stats(pipe)["cache"] if cfg is not None else {}
+            return clock.seconds, total.seconds, total.out, accel.stats(pipe)["cache"] if cfg is not None else {}
         finally:
             if cfg is not None:
                 accel.remove(pipe)
