@@ -22,9 +22,6 @@ keeps it steady on a shared machine), its speed-up the ratio to the baseline's, 
     # the issue's sizes: SD1.5 width at 512 px, 25 steps; Flux width (24 heads) at reduced depth
     python benchmarks/bench_cache.py --threads 1 --repeats 2 --peers-only --unet-width 320 --unet-px 512 \
         --flux-heads 24 --flux-dual 1 --flux-single 2 --flux-px 256
-
-The library's DeepCache peer runs at interval 3 only: at any other ``--intervals`` value the peer row is
-listed as skipped, with that reason, beside our row.
 """
 
 from __future__ import annotations
@@ -42,8 +39,6 @@ from accel.pipelines.load import load
 UNET_PROMPT = ("a photo of a cat riding a horse on the moon", "blurry, low quality")
 FLUX_PROMPT = ("a photo of a cat riding a horse on the moon", None)
 FLUX_TEXT_TOKENS = 64  # T5 tokens per prompt: the CPU sizes keep the text short beside 64-256 image tokens
-DEEPCACHE = peers.PEERS["DeepCache interval 3"]
-DEEPCACHE_INTERVAL = 3
 
 
 class ParaAttnFirstBlockCache:
@@ -71,18 +66,6 @@ class ParaAttnFirstBlockCache:
         pipe.transformer.__dict__.pop("forward", None)
         if self._call is not None:
             type(pipe).__call__ = self._call
-
-
-def diffusers_fbc(threshold: float) -> peers.Peer:
-    """diffusers' FirstBlockCache at ``threshold``, switched on and off as `accel.eval.peers` does."""
-
-    def config(pipe, steps):
-        from diffusers import FirstBlockCacheConfig
-
-        return FirstBlockCacheConfig(threshold=threshold)
-
-    return peers.Peer(f"diffusers FirstBlockCache threshold={threshold}", "diffusers", "pip install -U diffusers",
-                      "dit", *peers._diffusers(config))
 
 
 def ours(label: str, cache: dict) -> bench.Row:
@@ -138,8 +121,7 @@ def bench_unet(args):
     rows = [bench.Row("baseline", "baseline")]
     for interval in args.intervals:
         rows.append(ours(f"deepcache interval={interval} branch=1", dict(method="deepcache", interval=interval)))
-        rows.append(peer_row(work, DEEPCACHE, None if interval == DEEPCACHE_INTERVAL else
-                             f"accel.eval.peers runs DeepCache at interval {DEEPCACHE_INTERVAL} only"))
+        rows.append(peer_row(work, peers.deepcache(interval, 0)))
     if not args.peers_only:
         rows.append(ours("deepcache interval=3 branch=2", dict(method="deepcache", interval=3, branch=2)))
     rows.append(ours("deepcache interval=5 nonuniform", dict(method="deepcache", interval=5, schedule="nonuniform")))
@@ -165,7 +147,7 @@ def bench_flux(args):
     rows = [bench.Row("baseline", "baseline")]
     for th in args.thresholds:
         rows.append(ours(f"block threshold={th}", dict(method="block", threshold=th)))
-        rows.append(peer_row(work, diffusers_fbc(th)))
+        rows.append(peer_row(work, peers.first_block_cache(th)))
     rows += [peer_row(work, p) for p in para]
     if args.flux_from:
         what = f"trained pipeline {args.flux_from}, its own call ({work.steps} steps), {len(work.calls)} prompt(s)"

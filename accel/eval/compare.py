@@ -11,7 +11,6 @@ of a speed-up.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
 
 
@@ -37,11 +36,10 @@ def engaged(stats: dict) -> list[str]:
     return out
 
 
-def _sync() -> None:
+def _device() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def timed_pair(baseline: Callable[[], object], accelerated: Callable[[], object], repeats: int = 2,
@@ -50,7 +48,10 @@ def timed_pair(baseline: Callable[[], object], accelerated: Callable[[], object]
     callable} run untimed before each call of that side (`accel.remove` / `accel.apply`). Returns
     ``baseline_s``/``accelerated_s`` (medians), ``*_range`` ([min, max]), ``speedup`` (ratio of the medians)
     and the last output of each."""
+    from .clock import measure
+
     prepare = prepare or {}
+    device = _device()  # the wall time a user waits, measured by the one clock (synchronised on CUDA)
     fns = {"baseline": baseline, "accelerated": accelerated}
     outs = {}
     for name in fns:  # warm-up, untimed
@@ -60,11 +61,9 @@ def timed_pair(baseline: Callable[[], object], accelerated: Callable[[], object]
     for r in range(repeats):
         for name in (("baseline", "accelerated") if r % 2 == 0 else ("accelerated", "baseline")):
             prepare.get(name, lambda: None)()
-            _sync()
-            t = time.perf_counter()
-            outs[name] = fns[name]()
-            _sync()
-            times[name].append(time.perf_counter() - t)
+            sample = measure(fns[name], device)
+            outs[name] = sample.out
+            times[name].append(sample.wall_s)
     b, a = (statistics.median(times[n]) for n in ("baseline", "accelerated"))
     return {"baseline_s": b, "accelerated_s": a, "speedup": b / max(a, 1e-9), "repeats": repeats,
             "baseline_range": [min(times["baseline"]), max(times["baseline"])],

@@ -64,10 +64,12 @@ def _timestep(pipe) -> Callable[[], int]:
     return lambda: pipe.current_timestep
 
 
-def _fbc(pipe, steps):
-    from diffusers import FirstBlockCacheConfig
+def _fbc(threshold: float = 0.05):
+    def make(pipe, steps):
+        from diffusers import FirstBlockCacheConfig
 
-    return FirstBlockCacheConfig()
+        return FirstBlockCacheConfig(threshold=threshold)
+    return make
 
 
 def _mag(pipe, steps):
@@ -133,14 +135,14 @@ def _tomesd() -> tuple[Callable, Callable]:
     return enable, disable
 
 
-def _deepcache() -> tuple[Callable, Callable]:
+def _deepcache(interval: int = 3, branch: int = 0) -> tuple[Callable, Callable]:
     helpers = {}
 
     def enable(pipe, steps):
         from DeepCache import DeepCacheSDHelper
 
         helper = helpers[id(pipe)] = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.set_params(cache_interval=interval, cache_branch_id=branch)
         helper.enable()
 
     def disable(pipe):
@@ -151,9 +153,21 @@ def _deepcache() -> tuple[Callable, Callable]:
     return enable, disable
 
 
+def first_block_cache(threshold: float) -> Peer:
+    """diffusers' FirstBlockCache at ``threshold`` (the table's row uses its default, 0.05)."""
+    return Peer(f"diffusers FirstBlockCache {threshold:g}", "diffusers", "pip install -U diffusers", "dit",
+                *_diffusers(_fbc(threshold)))
+
+
+def deepcache(interval: int, branch: int = 0) -> Peer:
+    """DeepCache's DeepCacheSDHelper at ``interval`` / ``branch`` (the table's row: 3 / 0)."""
+    return Peer(f"DeepCache interval {interval}" + (f" branch {branch}" if branch else ""), "DeepCache",
+                "pip install DeepCache", "unet", *_deepcache(interval, branch))
+
+
 _CACHE_DIT = "pip install 'cache-dit>=1.5,<1.6'"
 PEERS: dict[str, Peer] = {p.name: p for p in (
-    Peer("diffusers FirstBlockCache 0.05", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_fbc)),
+    Peer("diffusers FirstBlockCache 0.05", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_fbc())),
     Peer("diffusers MagCache (Flux ratios)", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_mag),
          families=("flux",)),
     Peer("diffusers TaylorSeer interval 5", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_taylor)),
@@ -162,7 +176,7 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("cache-dit DBCache F8B0", "cache_dit", _CACHE_DIT, "any", *_cache_dit(False)),
     Peer("cache-dit DBCache F1B0 + TaylorSeer", "cache_dit", _CACHE_DIT, "any", *_cache_dit(True)),
     Peer("tomesd ratio 0.5", "tomesd", "pip install tomesd", "unet", *_tomesd()),
-    Peer("DeepCache interval 3", "DeepCache", "pip install DeepCache", "unet", *_deepcache()),
+    deepcache(3),
 )}
 
 

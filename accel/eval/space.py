@@ -21,7 +21,7 @@ from ..config import Config, preset
 from ..families import FAMILIES
 
 TECHNIQUES = ("cache", "tokens", "attention")
-CACHE_INTERVALS_UNET = (2, 3, 4, 5)
+CACHE_INTERVALS_UNET = (2, 3, 4, 5, 6, 8, 10)
 CACHE_THRESHOLDS_DIT = (0.05, 0.1, 0.2, 0.3)
 CACHE_INTERVALS_DIT = (2, 3)
 TOKEN_RATIOS = (0.3, 0.5, 0.7)
