@@ -56,7 +56,7 @@ class ParaAttnFirstBlockCache:
     def unavailable(self, pipe, family) -> str | None:
         return None if importlib.util.find_spec(self.package) else "not installed (pip install para-attn)"
 
-    def enable(self, pipe, steps):
+    def enable(self, pipe, steps, call=None):
         from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_pipe
 
         self._call = type(pipe).__call__

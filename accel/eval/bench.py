@@ -156,6 +156,61 @@ def workload(pipe, model: str, *, prompts: list | None = None, n_prompts: int | 
 
 
 # --- the engine ----------------------------------------------------------------------------------
+class _Snapshot:
+    """The instance attributes, submodules and hooks of every module of a pipeline, the pipeline's own
+    attributes, and the ``__call__``/``forward`` of their classes, restored after a peer's ``disable``:
+    a peer that leaves a patch behind (cache-dit 1.5 keeps its patched transformer forward after
+    ``disable_cache``) would otherwise run under every later row."""
+
+    def __init__(self, pipe):
+        import torch
+
+        self.pipe_dict = dict(pipe.__dict__)
+        mods = [m for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
+        self.modules = [(m, dict(m.__dict__), dict(m._modules), dict(m._forward_hooks), dict(m._forward_pre_hooks))
+                        for m in mods]
+        self.classes = {(cls, name): cls.__dict__[name] for cls in {type(pipe), *(type(m) for m in mods)}
+                        for name in ("__call__", "forward") if name in cls.__dict__}
+        # diffusers' hook registries are changed in place (a peer adds its hooks to an existing one)
+        self.registries = [(r, dict(r.hooks), list(r._hook_order), list(r._fn_refs), r._module_ref)
+                           for r in (m.__dict__.get("_diffusers_hook") for m in mods) if r is not None]
+
+    @staticmethod
+    def _put_back(live: dict, saved: dict, watch=lambda k: True) -> bool:
+        """``live`` made equal to ``saved`` again; True when a ``watch``-ed key had changed."""
+        changed = False
+        for k in [k for k in live if k not in saved]:
+            del live[k]
+            changed |= watch(k)
+        for k, v in saved.items():
+            if live.get(k, _MISSING) is not v:
+                live[k] = v
+                changed |= watch(k)
+        return changed
+
+    def restore(self, pipe) -> bool:
+        """Put everything back; True when a patch had been left behind (a forward or ``__call__``, a
+        submodule, a hook). The attributes a pipeline or module sets on itself during a call are put back
+        too, without counting."""
+        changed = self._put_back(pipe.__dict__, self.pipe_dict, lambda k: k == "__call__")
+        for m, d, children, hooks, pre in self.modules:
+            changed |= self._put_back(m.__dict__, d, lambda k: k == "forward")
+            for live, saved in ((m._modules, children), (m._forward_hooks, hooks), (m._forward_pre_hooks, pre)):
+                changed |= self._put_back(live, saved)
+        for reg, hooks, order, refs, ref in self.registries:
+            if reg.hooks != hooks or reg._hook_order != order or reg._fn_refs != refs or reg._module_ref is not ref:
+                reg.hooks, reg._hook_order, reg._fn_refs, reg._module_ref = dict(hooks), list(order), list(refs), ref
+                changed = True
+        for (cls, name), fn in self.classes.items():
+            if cls.__dict__.get(name) is not fn:
+                setattr(cls, name, fn)
+                changed = True
+        return changed
+
+
+_MISSING = object()
+
+
 class _Sampler:
     """Runs one sample of a row (all its calls) and keeps the baseline's outputs for fidelity."""
 
@@ -163,6 +218,7 @@ class _Sampler:
         self.work = work
         self.reference: list | None = None  # the baseline's outputs, one per call
         self.fidelity: dict[str, dict] = {}  # label -> psnr/ssim/scores/engaged of its first sample
+        self.left_behind: set[str] = set()  # peers whose disable left the pipeline changed (put back by us)
 
     def _call(self, call: Call):
         import torch
@@ -185,10 +241,16 @@ class _Sampler:
 
         work = self.work
         calls = work.calls if calls is None else calls
+        snapshot = None
         if row.config is not None:
             accel.apply(work.pipe, row.config)
         elif row.peer is not None:
-            row.peer.enable(work.pipe, work.steps)
+            snapshot = _Snapshot(work.pipe)
+            try:
+                row.peer.enable(work.pipe, work.steps, work.calls[0].kwargs)
+            except BaseException:  # a peer that fails half-way through patching leaves nothing behind
+                snapshot.restore(work.pipe)
+                raise
         try:
             seconds = wall = 0.0
             peak = None
@@ -205,7 +267,11 @@ class _Sampler:
             if row.config is not None:
                 accel.remove(work.pipe)
             elif row.peer is not None:
-                row.peer.disable(work.pipe)
+                try:
+                    row.peer.disable(work.pipe)
+                finally:
+                    if snapshot.restore(work.pipe):
+                        self.left_behind.add(row.label)
         if score:
             self._score(row, outs, what)
         return seconds, wall, peak
@@ -276,8 +342,13 @@ def run(work: Workload, rows: list[Row], *, repeats: int = 3, warmup: bool = Tru
 
     try:
         with quiet():
-            _, errs = round_robin({r.label: one(r) for r in live}, repeats, catch=True, after=after, stop=stop)
-        errors.update(errs)
+            # peers that leave state behind which later rows trip on run after all the others (`Peer.late`)
+            late = [r for r in live if getattr(r.peer, "late", False)]
+            for phase in ([r for r in live if r not in late], late):
+                _, errs = round_robin({r.label: one(r) for r in phase}, repeats, catch=True, after=after, stop=stop)
+                errors.update(errs)
+                if stop and stop():
+                    break
         stopped = bool(stop and stop())
     except KeyboardInterrupt:
         stopped = True
@@ -305,6 +376,8 @@ def _results(rows, samples, errors, sampler) -> list[Result]:
             res.repeats = len(runs)
             for k, v in sampler.fidelity.get(row.label, {}).items():
                 setattr(res, k, v)
+            if row.label in sampler.left_behind:
+                res.engaged = ["its disable left a patch behind, undone after each of its runs"]
         out.append(res)
     return out
 
@@ -386,7 +459,8 @@ def table(results: list[Result]) -> str:
         if scored:
             cells.append(" / ".join(f"{r.scores[k]:.2f}" for k in score_keys) if r.scores else "-")
         if r.kind == "peer":
-            cells.append("(peer)" if r.psnr is not None or r.psnr_worst is not None else "nothing changed")
+            cells.append("; ".join(r.engaged) or "(peer)" if r.psnr is not None or r.psnr_worst is not None
+                         else "nothing changed")
         elif r.kind == "baseline":
             cells.append("-")
         else:

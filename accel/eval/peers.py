@@ -21,15 +21,21 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Peer:
-    """One peer setting: ``enable(pipe, steps)`` / ``disable(pipe)`` around a call of ``steps`` steps."""
+    """One peer setting: ``enable(pipe, steps, call)`` / ``disable(pipe)`` around a call of ``steps`` steps with
+    keyword arguments ``call``."""
 
     name: str
     package: str  # the import name whose absence skips it
     install: str  # what to run to get it
-    kind: str  # "dit": transformers with diffusers' CacheMixin; "unet": StableDiffusion(XL) UNets; "any"
+    kind: str  # "dit": transformers with diffusers' CacheMixin; "transformer": any DiT pipeline; "unet": SD UNets
     enable: Callable = field(repr=False)
     disable: Callable = field(repr=False)
     families: tuple[str, ...] = ()  # only these families (empty: every family of its kind)
+    min_blocks: int = 0  # the denoiser needs more transformer blocks than this
+    # runs after every other row: it leaves state behind that breaks rows after it (cache-dit 1.5: diffusers'
+    # FirstBlockCache fails on any later call, though the pipeline's instance and class attributes, hooks and
+    # submodules are as before)
+    late: bool = False
 
     def unavailable(self, pipe, family: str) -> str | None:
         """Why this peer cannot run on ``pipe`` (None: it can)."""
@@ -40,9 +46,20 @@ class Peer:
         den = _denoiser(pipe)
         if self.kind == "dit" and not hasattr(den, "enable_cache"):
             return f"{type(den).__name__} has no diffusers enable_cache (CacheMixin)"
+        if self.kind == "transformer" and not hasattr(pipe, "transformer"):
+            return "works on transformer (DiT) pipelines only"
         if self.kind == "unet" and not hasattr(pipe, "unet"):
             return "works on UNet pipelines (SD1.5, SDXL) only"
+        if self.min_blocks and _blocks(den) <= self.min_blocks:
+            return f"needs more than {self.min_blocks} transformer blocks; this model has {_blocks(den)}"
         return None
+
+
+def _blocks(module) -> int:
+    """Transformer blocks of a denoiser: the lengths of its top-level block lists added up."""
+    import torch
+
+    return sum(len(m) for m in module.children() if isinstance(m, torch.nn.ModuleList))
 
 
 def _denoiser(pipe):
@@ -51,7 +68,7 @@ def _denoiser(pipe):
 
 # --- diffusers' caches ---------------------------------------------------------------------------
 def _diffusers(make_config: Callable) -> tuple[Callable, Callable]:
-    def enable(pipe, steps):
+    def enable(pipe, steps, call=None):
         _denoiser(pipe).enable_cache(make_config(pipe, steps))
 
     def disable(pipe):
@@ -102,15 +119,20 @@ def _faster(pipe, steps):
 
 # --- cache-dit ------------------------------------------------------------------------------------
 def _cache_dit(taylor: bool) -> tuple[Callable, Callable]:
-    def enable(pipe, steps):
+    def enable(pipe, steps, call=None):
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # its per-call notes go to stderr otherwise
         import cache_dit
 
+        # cache-dit compares a forward with the previous one of the same CFG branch only when told the pipeline
+        # runs its branches as separate calls; it guesses from the class, and FluxPipeline's true CFG is not guessed
+        separate = True if (call or {}).get("true_cfg_scale", 1.0) > 1 and (call or {}).get("negative_prompt") \
+            is not None else None
         if taylor:
-            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0),
-                                   calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1))
+            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+                Fn_compute_blocks=1, Bn_compute_blocks=0, enable_separate_cfg=separate),
+                calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1))
         else:
-            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig())
+            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(enable_separate_cfg=separate))
 
     def disable(pipe):
         import cache_dit
@@ -122,7 +144,7 @@ def _cache_dit(taylor: bool) -> tuple[Callable, Callable]:
 
 # --- UNet peers -----------------------------------------------------------------------------------
 def _tomesd() -> tuple[Callable, Callable]:
-    def enable(pipe, steps):
+    def enable(pipe, steps, call=None):
         import tomesd
 
         tomesd.apply_patch(pipe, ratio=0.5)
@@ -138,7 +160,7 @@ def _tomesd() -> tuple[Callable, Callable]:
 def _deepcache(interval: int = 3, branch: int = 0) -> tuple[Callable, Callable]:
     helpers = {}
 
-    def enable(pipe, steps):
+    def enable(pipe, steps, call=None):
         from DeepCache import DeepCacheSDHelper
 
         helper = helpers[id(pipe)] = DeepCacheSDHelper(pipe=pipe)
@@ -173,8 +195,9 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("diffusers TaylorSeer interval 5", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_taylor)),
     Peer("diffusers PAB spatial 2", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_pab)),
     Peer("diffusers FasterCache", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_faster)),
-    Peer("cache-dit DBCache F8B0", "cache_dit", _CACHE_DIT, "any", *_cache_dit(False)),
-    Peer("cache-dit DBCache F1B0 + TaylorSeer", "cache_dit", _CACHE_DIT, "any", *_cache_dit(True)),
+    # F8B0 always computes the first 8 blocks; cache-dit refuses a model without more
+    Peer("cache-dit DBCache F8B0", "cache_dit", _CACHE_DIT, "transformer", *_cache_dit(False), min_blocks=8, late=True),
+    Peer("cache-dit DBCache F1B0 + TaylorSeer", "cache_dit", _CACHE_DIT, "transformer", *_cache_dit(True), late=True),
     Peer("tomesd ratio 0.5", "tomesd", "pip install tomesd", "unet", *_tomesd()),
     deepcache(3),
 )}

@@ -298,6 +298,8 @@ def cmd_tune(args) -> int:
               f"(floor {args.min_psnr:g} dB).")
         bp = outcome.best_preset
         print("Best preset meeting the floor: " + (f"{bp.label} at {bp.speedup:.2f}x." if bp else "none."))
+        print(f"The floor held on these {len(work.calls)} calls; a prompt unlike them can still fall below it "
+              "(BENCHMARKS.md \"Measuring your own model\"): tune on prompts like the ones you will run.")
         print(f"Wrote {out}: accel generate --model {args.model} --config {out} ...")
     if args.json:
         env = bench.environment(work.device)

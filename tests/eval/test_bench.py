@@ -45,7 +45,7 @@ def test_a_row_that_fails_is_reported_and_the_rest_still_run(flux_work):
     class Broken:
         name = "broken"
 
-        def enable(self, pipe, steps):
+        def enable(self, pipe, steps, call=None):
             raise RuntimeError("cannot patch this pipeline\nsecond line")
 
         def disable(self, pipe):
@@ -184,3 +184,32 @@ def test_bench_and_tune_run_on_shape_models_at_reduced_size(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and tuned.is_file() and "### screened" in out
     assert accel.Config.from_yaml(tuned.read_text()).cache.method in ("deepcache", "none")
+
+
+def test_a_peer_that_leaves_a_patch_behind_is_undone_and_late_peers_run_last(flux_work):
+    order = []
+
+    class Leaky:
+        name, late = "leaky", False
+
+        def enable(self, pipe, steps, call=None):
+            order.append("leaky")
+            pipe.transformer.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("still patched"))
+            pipe.transformer.forward = type(pipe.transformer).forward.__get__(pipe.transformer)
+
+        def disable(self, pipe):
+            pass  # forgets to remove its instance forward
+
+    class Late(Leaky):
+        name, late = "late", True
+
+        def enable(self, pipe, steps, call=None):
+            order.append("late")
+
+    rows = [bench.Row("off (baseline)", "baseline"), bench.Row("peer late", "peer", peer=Late()),
+            bench.Row("peer leaky", "peer", peer=Leaky())]
+    sampler = bench._Sampler(flux_work)
+    results, _ = bench.run(flux_work, rows, repeats=2, progress=False, warmup=False, sampler=sampler)
+    assert all(r.ran for r in results)
+    assert "forward" not in flux_work.pipe.transformer.__dict__ and sampler.left_behind == {"peer leaky"}
+    assert order == ["leaky", "leaky", "late", "late"]  # the late peer's rounds come after the others'
