@@ -194,7 +194,9 @@ class _Snapshot:
         too, without counting."""
         changed = self._put_back(pipe.__dict__, self.pipe_dict, lambda k: k == "__call__")
         for m, d, children, hooks, pre in self.modules:
-            changed |= self._put_back(m.__dict__, d, lambda k: k == "forward")
+            # diffusers' hook removal leaves the class's own forward bound on the instance: the same code
+            own = getattr(m.__dict__.get("forward"), "__func__", None) is type(m).forward and "forward" not in d
+            changed |= self._put_back(m.__dict__, d, lambda k, own=own: k == "forward" and not own)
             for live, saved in ((m._modules, children), (m._forward_hooks, hooks), (m._forward_pre_hooks, pre)):
                 changed |= self._put_back(live, saved)
         for reg, hooks, order, refs, ref in self.registries:
