@@ -19,11 +19,7 @@ OUT=${OUT:-./gpu_results}
 mkdir -p "$OUT"
 TOTAL_S=${GPU_BENCH_TOTAL_S:-470}
 
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout's accel first
+. scripts/gpu_env.sh  # carried wheels, this checkout first on PYTHONPATH
 export CACHE_DIT_LOG_LEVEL=error
 
 if [ -n "${GPU_BENCH_SMOKE:-}" ]; then

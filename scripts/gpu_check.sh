@@ -17,11 +17,7 @@ mkdir -p "$OUT"
 TOTAL_S=${GPU_CHECK_TOTAL_S:-345}
 PYTEST_S=${GPU_CHECK_PYTEST_S:-180}
 
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout's accel first
+. scripts/gpu_env.sh  # carried wheels, this checkout first on PYTHONPATH
 
 echo "== gpu_check: $(date -u +%FT%TZ), out $OUT, budget ${TOTAL_S} s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"

@@ -18,11 +18,7 @@ WORK=${WORK:-/tmp/ref-video-large-run}
 mkdir -p "$OUT"
 TOTAL_S=${TRAIN_VIDEO_LARGE_TOTAL_S:-530}
 
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout's accel first
+. scripts/gpu_env.sh  # carried wheels, this checkout first on PYTHONPATH
 
 echo "== gpu_train_video_large: $(date -u +%FT%TZ), out $OUT, ${TOTAL_S} s in all"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"

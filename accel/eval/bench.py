@@ -326,7 +326,7 @@ def run(work: Workload, rows: list[Row], *, repeats: int = 3, warmup: bool = Tru
     samples: dict[str, list] = {r.label: [] for r in live}
     errors: dict[str, str] = {}
     stopped = False
-    from ..pipelines.load import _quiet_loading as quiet  # diffusers' per-call warnings would break the bar
+    from ..pipelines.load import quiet_loading as quiet  # diffusers' per-call warnings would break the bar
 
     def one(row):
         def fn():
@@ -361,27 +361,28 @@ def run(work: Workload, rows: list[Row], *, repeats: int = 3, warmup: bool = Tru
     return _results(rows, samples, errors, sampler), stopped
 
 
+def result_of(row: Row, runs: list, base_s: float | None, sampler: _Sampler, error: str | None = None) -> Result:
+    """A row's `Result` from its samples ((seconds, wall, peak) each) and what the sampler scored."""
+    res = Result(row.label, row.kind, row.config.to_dict() if row.config is not None else None,
+                 skipped=row.skipped, error=error)
+    if runs and error is None:
+        res.seconds = statistics.median(s[0] for s in runs)
+        res.wall_s = statistics.median(s[1] for s in runs)
+        peaks = [s[2] for s in runs if s[2] is not None]
+        res.peak_gib = round(max(peaks) / 2**30, 2) if peaks else None
+        res.speedup = round(base_s / res.seconds, 3) if base_s and res.seconds else None
+        res.repeats = len(runs)
+        for k, v in sampler.fidelity.get(row.label, {}).items():
+            setattr(res, k, v)
+        if row.label in sampler.left_behind:
+            res.engaged = ["its disable left a patch behind, undone after each of its runs"]
+    return res
+
+
 def _results(rows, samples, errors, sampler) -> list[Result]:
     base = samples.get(rows[0].label) or []
     base_s = statistics.median(s[0] for s in base) if base else None
-    out = []
-    for row in rows:
-        res = Result(row.label, row.kind, row.config.to_dict() if row.config is not None else None,
-                     skipped=row.skipped, error=errors.get(row.label))
-        runs = samples.get(row.label) or []
-        if runs and res.error is None:
-            res.seconds = statistics.median(s[0] for s in runs)
-            res.wall_s = statistics.median(s[1] for s in runs)
-            peaks = [s[2] for s in runs if s[2] is not None]
-            res.peak_gib = round(max(peaks) / 2**30, 2) if peaks else None
-            res.speedup = round(base_s / res.seconds, 3) if base_s and res.seconds else None
-            res.repeats = len(runs)
-            for k, v in sampler.fidelity.get(row.label, {}).items():
-                setattr(res, k, v)
-            if row.label in sampler.left_behind:
-                res.engaged = ["its disable left a patch behind, undone after each of its runs"]
-        out.append(res)
-    return out
+    return [result_of(row, samples.get(row.label) or [], base_s, sampler, errors.get(row.label)) for row in rows]
 
 
 # --- rows from the command line ------------------------------------------------------------------

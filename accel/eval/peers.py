@@ -63,7 +63,9 @@ def _blocks(module) -> int:
 
 
 def _denoiser(pipe):
-    return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    from ..families import denoisers_of
+
+    return denoisers_of(pipe)[0][1]
 
 
 # --- diffusers' caches ---------------------------------------------------------------------------

@@ -116,10 +116,10 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
         row = base if s is None else _row(s)
         bar.total = (bar.total or 0) + 1
         bar.set_postfix_str(row.label[:40], refresh=False)
-        res = bench.Result(row.label, row.kind, None if s is None else s.config.to_dict())
+        runs, error = [], None
         try:
             sampler.sample(row, work.calls[:1], keep=False)  # untimed warm-up
-            sec, wall, peak = sampler.sample(row)
+            runs.append(sampler.sample(row))
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -127,20 +127,16 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
 
             if s is None:
                 raise RuntimeError(f"the baseline could not run: {error_line(e)}") from e
-            res.error = error_line(e)
-        else:
-            res.seconds, res.wall_s, res.repeats = sec, wall, 1
-            for k, v in sampler.fidelity.get(row.label, {}).items():
-                setattr(res, k, v)
-            b = results.get(base.label)
-            res.speedup = round(b.seconds / sec, 3) if b and sec else 1.0
+            error = error_line(e)
+        b = results.get(base.label)
+        res = bench.result_of(row, runs, b.seconds if b else (runs[0][0] if runs else None), sampler, error)
         bar.update(1)
         results[row.label] = res
         if s is not None:
             settings[row.label] = s
         return res
 
-    from ..pipelines.load import _quiet_loading as quiet
+    from ..pipelines.load import quiet_loading as quiet
 
     thresholds: list[float] = []
     try:

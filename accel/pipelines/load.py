@@ -76,14 +76,14 @@ def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
         name = model[len("tiny-"):]
         if name not in tiny.NAMES:
             raise ModelLoadError(f"unknown built-in model {model!r}; built-in models: {', '.join(builtin_models())}")
-        with _quiet_loading():
+        with quiet_loading():
             pipe = tiny.make(name, seed=seed, dtype=dtype, device=device)
     elif model.startswith("shape:"):
         from . import shape
 
         try:
             name, overrides = shape.parse(model)
-            with _quiet_loading():
+            with quiet_loading():
                 pipe = shape.make(name, device=device, dtype=dtype, seed=seed, overrides=overrides)
         except ValueError as e:  # ours, or diffusers' for a config it cannot build
             raise ModelLoadError(f"{model!r}: {e}") from None
@@ -109,7 +109,7 @@ def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
 
 
 @contextlib.contextmanager
-def _quiet_loading():
+def quiet_loading():
     """No loading progress bars or import-time warnings from diffusers/transformers while a
     pipeline loads (hub downloads keep huggingface_hub's own bars): the CLI's output stays its
     own, and an error stays one line. The first import of diffusers is quiet too: with torchao installed it
@@ -149,7 +149,7 @@ def _from_pretrained(model: str, dtype, local: bool):
     from packaging.version import Version
 
     try:
-        with _quiet_loading():
+        with quiet_loading():
             import diffusers
             from diffusers import DiffusionPipeline
 

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ...eval import clock, shapes
+from ...eval.bench import environment
 from ...eval.compare import engaged
 from ...eval.metrics import compare
 from . import train_video as V
@@ -336,7 +337,8 @@ def judge(pipe, out: Path, *, prompts: int = 24, seeds: int = 3, call: dict, dev
     family = family_name(pipe)
     clips = shapes.held_out_clips(prompts, frames=call["num_frames"])
     j = Judge(pipe, clips, call, device, workers, low_gates)
-    meta = {"family": family, "prompts": prompts, "seeds": seeds, "call": call, "device": _device_name(device),
+    meta = {"family": family, "prompts": prompts, "seeds": seeds, "call": call,
+            "device": environment(device)["device_name"],
             "dtype": str(pipe.transformer.dtype), "low_gates": low_gates, "max_lost": MAX_LOST,
             "cache_floors": CACHE_FLOORS, "reduction_floors": REDUCTION_FLOORS, "safe_min_speedup": SAFE_MIN_SPEEDUP}
     t0 = time.time()
@@ -356,12 +358,6 @@ def judge(pipe, out: Path, *, prompts: int = 24, seeds: int = 3, call: dict, dev
     finally:
         j.close()
     return result
-
-
-def _device_name(device: str) -> str:
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return "cpu (process CPU time, 1 thread)" if torch.get_num_threads() == 1 else "cpu (process CPU time)"
 
 
 def write(out: Path, meta: dict, table: list[dict], tiers: dict | None) -> dict:
