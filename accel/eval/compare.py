@@ -80,5 +80,8 @@ def report(pair: dict, stats: dict) -> tuple[object, object, dict]:
     from .metrics import compare
 
     base, acc = pair["baseline_out"], pair["accelerated_out"]
-    timings = {k: round(v, 4) if isinstance(v, float) else v for k, v in pair.items() if not k.endswith("_out")}
+    def rounded(v):  # medians and their ranges alike, so a median never falls outside its rounded range
+        return round(v, 4) if isinstance(v, float) else [rounded(x) for x in v] if isinstance(v, list) else v
+
+    timings = {k: rounded(v) for k, v in pair.items() if not k.endswith("_out")}
     return base, acc, {**compare(np.stack(base), np.stack(acc)), **timings, "engaged": engaged(stats)}
