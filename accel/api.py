@@ -1,10 +1,10 @@
 """`apply`, `remove`, `applied`, `stats`: compose the techniques on a pipeline or a bare denoiser.
 
-Each technique is a subpackage exposing ``apply_technique(target, config) -> handle``; the
-handle may offer ``stats() -> dict``. Techniques make every change through ``target.ledger``,
-so `remove` undoes all of them the same way. Techniques never import each other; the order
-here (attention processors, then token reduction, then step caching, which wraps the others)
-is the only place they meet.
+Each technique's record (`accel.config.TECHNIQUES`) names a module exposing
+``apply_technique(target, config) -> handle``; the handle may offer ``stats() -> dict``. Techniques
+make every change through ``target.ledger``, so `remove` undoes all of them the same way. Techniques
+never import each other; the records' ``order`` (the approximate cache, attention processors, token
+reduction, then step caching, which wraps the others) is the only place they meet.
 """
 
 from __future__ import annotations
@@ -16,26 +16,27 @@ from typing import Any
 
 import torch
 
+from .config import TECHNIQUES as _RECORDS
 from .config import Config, resolve
 from .config_base import ConfigError
 from .families import Adapter, denoisers_of
+from .loop import LoopView, observe
 from .patching import Ledger
-from .tracking import StepTracker
 
-# (Config section, subpackage) in application order.
-TECHNIQUES = (("approx", "accel.approx"), ("attention", "accel.attention"), ("tokens", "accel.tokens"),
-              ("cache", "accel.cache"))
+# (Config section, module with apply_technique) in application order, read from the records.
+TECHNIQUES = tuple((t.section, t.module) for t in sorted(_RECORDS, key=lambda t: t.order))
 
 _STATE_ATTR = "_accel"
 
 
 @dataclass
 class Target:
-    """What a technique is given: the pipeline (or None), one adapter per denoiser, the tracker, the ledger."""
+    """What a technique is given: the pipeline (or None), one adapter per denoiser, the loop observer's view
+    (``tracker``), the ledger."""
 
     pipe: Any
     adapters: list[Adapter]
-    tracker: StepTracker
+    tracker: LoopView
     ledger: Ledger
     family: str
 
@@ -73,7 +74,7 @@ def apply(target, config: Any = None):
     cfg = resolve(config, family)
     remove(target)
     ledger = Ledger()
-    tracker = StepTracker(None if isinstance(target, torch.nn.Module) else target)
+    tracker = observe(target, ledger, adapters)
     t = Target(None if isinstance(target, torch.nn.Module) else target, adapters, tracker, ledger, family)
     state = _Applied(cfg, t)
     try:
@@ -82,7 +83,7 @@ def apply(target, config: Any = None):
             if sub.enabled:
                 state.handles[section] = _technique(section, package)(t, sub)
         # Last, so its hooks are outermost and the state is current before any technique runs.
-        tracker.attach(adapters, ledger)
+        tracker.attach(read_inputs=True)
     except BaseException:
         ledger.undo_all()
         _clear_registry_caches(adapters)

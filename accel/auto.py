@@ -8,9 +8,9 @@
 
 Each pipeline gets the preset (default ``balanced`` where defined, else ``off``) at its first call,
 and ``accel: stats {json}`` lines go to stderr at exit. `accel run -- python script.py` does the
-same without the import line. Details: `accel.app.zero_code`.
+same without the import line. Details: `accel.zero_code`.
 """
 
-from .app.zero_code import install
+from .zero_code import install
 
 install()

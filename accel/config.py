@@ -1,48 +1,57 @@
-"""The root `Config`, presets, and (de)serialisation to dict/JSON/YAML/TOML.
+"""The root `Config`, the list of techniques, presets, and (de)serialisation to dict/JSON/YAML/TOML.
 
-`Config` holds one sub-config per technique. Each technique owns its sub-config class and its
-preset table in ``accel/<technique>/config.py``; this module only composes them, so a technique
-adds itself without touching the others.
+`TECHNIQUES` is the one list of techniques: each is a record (`accel.technique.Technique`) defined
+in its own folder (``accel/<technique>/record.py``) with its config class and preset table. `Config`
+has one field per record, `preset` reads the records' preset tables, `accel.apply` installs them in
+their ``order``; adding a technique is its folder plus one line here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from .approx.config import PRESETS as _APPROX_PRESETS
-from .approx.config import ApproxCacheConfig
-from .attention.config import PRESETS as _ATTENTION_PRESETS
-from .attention.config import AttentionConfig
-from .cache.config import PRESETS as _CACHE_PRESETS
-from .cache.config import CacheConfig
+from .approx.record import TECHNIQUE as _APPROX
+from .attention.record import TECHNIQUE as _ATTENTION
+from .cache.record import TECHNIQUE as _CACHE
 from .config_base import FILE_FORMATS, ConfigBase, ConfigError, read_mapping, spec
-from .tokens.config import PRESETS as _TOKEN_PRESETS
-from .tokens.config import TokenConfig
+from .families import FAMILIES
+from .presets import DEFAULT_PRESET, PRESET_ORDER
+from .technique import Technique
+from .tokens.record import TECHNIQUE as _TOKENS
 
-# section name -> that technique's preset table: {preset: {family or "*": dict of fields}}
-_SECTION_PRESETS = {"cache": _CACHE_PRESETS, "tokens": _TOKEN_PRESETS, "attention": _ATTENTION_PRESETS,
-                    "approx": _APPROX_PRESETS}
-# The order users meet them in: from exact to most aggressive.
-PRESET_ORDER = ("off", "safe", "balanced", "fast", "max")
+# Every technique, in the order users meet them (Config's fields, config files, errors, --help).
+TECHNIQUES: tuple[Technique, ...] = (_CACHE, _TOKENS, _ATTENTION, _APPROX)
+# The technique sections of a Config (and of a config file), in that order.
+TECHNIQUE_SECTIONS = tuple(t.section for t in TECHNIQUES)
+__all__ = ["Config", "DEFAULT_PRESET", "PRESET_ORDER", "TECHNIQUES", "TECHNIQUE_SECTIONS", "SweepRow",
+           "available_presets", "preset", "resolve", "sweep_rows", "technique"]
 
 
-@dataclass(frozen=True)
-class Config(ConfigBase):
-    """Everything `accel.apply` does to a pipeline: one sub-config per technique (all off by default)."""
+def technique(section: str) -> Technique:
+    """The record of the technique whose `Config` section is ``section``.
 
-    cache: CacheConfig = spec(None, factory=CacheConfig, help="step caching")
-    tokens: TokenConfig = spec(None, factory=TokenConfig, help="token merging / pruning")
-    attention: AttentionConfig = spec(None, factory=AttentionConfig, help="sparse attention")
-    approx: ApproxCacheConfig = spec(None, factory=ApproxCacheConfig,
-                                     help="approximate caching across calls (NIRVANA): start from a similar prompt")
+    Args:
+        section: a section name (``"cache"``, ``"tokens"``, ...).
+
+    Returns:
+        Its `Technique`; a ConfigError naming the sections when there is none.
+    """
+    for t in TECHNIQUES:
+        if t.section == section:
+            return t
+    raise ConfigError(f"{section}: not a technique; choose one of {', '.join(TECHNIQUE_SECTIONS)}")
+
+
+class _Root(ConfigBase):
+    """What `Config` does beyond its fields: the formats; the fields come from `TECHNIQUES`."""
 
     @property
     def enabled(self) -> bool:
-        return any(getattr(self, s).enabled for s in _SECTION_PRESETS)
+        return any(getattr(self, t.section).enabled for t in TECHNIQUES)
 
     # --- formats --------------------------------------------------------------------------
     def to_json(self, **kw) -> str:
@@ -94,6 +103,14 @@ class Config(ConfigBase):
         return cls.from_dict(read_mapping(path))
 
 
+Config = dataclasses.make_dataclass(
+    "Config", [(t.section, t.config, spec(None, factory=t.config, help=t.help)) for t in TECHNIQUES],
+    bases=(_Root,), frozen=True,
+    namespace={"__module__": __name__,
+               "__doc__": "Everything `accel.apply` does to a pipeline: one sub-config per technique (all off by "
+                          f"default); its fields are the `TECHNIQUES` sections: {', '.join(TECHNIQUE_SECTIONS)}."})
+
+
 def _format_of(path: Path) -> str:
     if path.suffix.lower() not in FILE_FORMATS:
         read_mapping(path)  # raises the unknown-format error, worded once
@@ -101,29 +118,69 @@ def _format_of(path: Path) -> str:
 
 
 def available_presets() -> tuple[str, ...]:
-    """Preset names that are defined: ``off`` plus every name some technique gives settings for."""
+    """Preset names that are defined: ``off`` plus every name some technique gives settings for.
+
+    Returns:
+        The names in `PRESET_ORDER`, then any others a technique's table defines, sorted.
+    """
     defined = {"off"}
-    for table in _SECTION_PRESETS.values():
-        defined.update(table)
+    for t in TECHNIQUES:
+        defined.update(t.presets)
     return tuple(n for n in PRESET_ORDER if n in defined) + tuple(sorted(defined - set(PRESET_ORDER)))
 
 
 def preset(name: str, family: str | None = None) -> Config:
-    """The `Config` a preset means for ``family`` (a key of `accel.families.FAMILIES`).
+    """The `Config` a preset means for ``family``.
 
     A technique's table maps a preset to per-family settings, with ``"*"`` for every family it
     has no specific entry for; a technique that says nothing about a preset stays off.
+
+    Args:
+        name: a preset name (`available_presets`).
+        family: a key of `accel.families.FAMILIES`; None takes each table's ``"*"`` entry.
+
+    Returns:
+        The preset's `Config`.
     """
     names = available_presets()
     if name not in names:
         raise ConfigError(f"preset: {name!r} is not a preset; choose one of {', '.join(names)}")
-    parts = {}
-    for section, table in _SECTION_PRESETS.items():
-        per_family = table.get(name, {})
-        fields = per_family.get(family, per_family.get("*")) if family else per_family.get("*")
-        if fields:
-            parts[section] = dict(fields)
+    parts = {t.section: fields for t in TECHNIQUES if (fields := t.preset_fields(name, family))}
     return Config.from_dict(parts)
+
+
+class SweepRow(NamedTuple):
+    """One row of a technique's sweep: its label, its config, its search group and its place on the knob."""
+
+    label: str
+    config: Config
+    group: str
+    order: int
+
+
+def sweep_rows(family: str, section: str, calibrated=None) -> list[SweepRow]:
+    """The rows ``accel bench --sweep SECTION`` and ``accel tune`` try for one technique on ``family``.
+
+    Args:
+        family: a key of `accel.families.FAMILIES`.
+        section: the technique's section (``"cache"``, ``"tokens"``, ``"attention"``).
+        calibrated: values for the knobs marked ``calibrated`` (DiT cache thresholds read off the
+            user's prompts); None or empty keeps their fixed grids.
+
+    Returns:
+        The rows of every knob of the technique that applies to the family, mildest first per knob;
+        empty when none applies (sparse attention on an image family).
+    """
+    fam, tech = FAMILIES[family], technique(section)
+    balanced = getattr(preset("balanced", family), section).to_dict()
+    rows = []
+    for knob in tech.sweep:
+        if not knob.applies_to(fam.kind, fam.video):
+            continue
+        values = calibrated if knob.calibrated and calibrated else None
+        for n, (label, fields) in enumerate(knob.rows(balanced, values)):
+            rows.append(SweepRow(label, Config.from_dict({section: fields}), knob.group or section, n))
+    return rows
 
 
 def resolve(config: Any, family: str | None = None) -> Config:

@@ -27,13 +27,12 @@ import numpy as np
 import torch
 
 import accel
-from accel.eval import checker
-from accel.eval import shapes as S
 from accel.eval.clock import measure
 from accel.eval.metrics import psnr, ssim
 from accel.pipelines.call import family_name
 from accel.pipelines.load import load
-from accel.pipelines.ref import call_defaults
+from accel.pipelines.ref import call_defaults, checker
+from accel.pipelines.ref import data as S
 
 
 def zipf_pick(rng, options, s: float):
@@ -130,7 +129,7 @@ def bench(model: str, n: int, s: float, configs=("off", "approx", "balanced", "a
 
 def calibrate(model: str, n_pairs: int) -> None:
     """Pairs (earlier prompt, new prompt) differing in 0, 1 or 2 attributes: similarity, skip, PSNR, checker."""
-    from accel.approx.calibrate import measure, table
+    from accel.eval.approx_policy import measure, table
 
     video = model == "ref-video"
     kw = call_defaults(model)

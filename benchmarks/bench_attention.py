@@ -32,7 +32,7 @@ from accel.attention.config import AttentionConfig
 from accel.attention.sparse import SparseAttention
 from accel.eval.clock import measure, median, round_robin
 from accel.eval.metrics import psnr
-from accel.pipelines import shape
+from accel.pipelines import sized
 
 PATTERNS = ("tile", "spatial_temporal", "radial", "global_local", "topk")
 GRIDS = {"4k": (4, 32, 32), "8k": (8, 32, 32), "16k": (16, 32, 32)}
@@ -100,7 +100,7 @@ def attention_table(sizes, densities, repeats, patterns, backends, blocks):
 
 
 def wan_table(blocks, repeats, settings):
-    model = shape.make("wan-1.3b", device="cpu", overrides={"num_layers": blocks}).transformer
+    model = sized.make("wan-1.3b", device="cpu", overrides={"num_layers": blocks}).transformer
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, 8, 64, 64, generator=g)  # 8 x 32 x 32 = 8192 tokens after 1x2x2 patches
     # a smooth latent, as a partly denoised video is, so attention is local

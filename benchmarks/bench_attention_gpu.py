@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from accel.eval.clock import measure  # noqa: E402
-from accel.pipelines import shape  # noqa: E402
+from accel.pipelines import sized  # noqa: E402
 
 SHAPES = {  # name: grid (F, H, W) of video tokens, heads, head size, timed calls, warm-up calls, fp32 reference
     "wan1.3b-480p": dict(grid=(21, 30, 52), heads=12, dim=128, reps=10, warmup=3, ref=True),
@@ -517,7 +517,7 @@ SMOKE_WAN = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, freq
 def build_wan_pipeline(a, device):
     """The shape model ``shape:wan-1.3b`` (Wan2.1-1.3B's transformer, random weights; small text encoder and VAE
     at the real widths and compression) built directly on ``device`` in bf16 (smoke: 2 narrow layers in fp32)."""
-    pipe = shape.make("wan-1.3b", device=device, dtype=a.e2e_dtype,
+    pipe = sized.make("wan-1.3b", device=device, dtype=a.e2e_dtype,
                       overrides={**SMOKE_WAN, "num_layers": 2} if a.smoke else None)
     transformer = pipe.transformer
     n_params = sum(p.numel() for p in transformer.parameters())
@@ -692,7 +692,7 @@ def part_fwd14b(a, device, report: Report, budget: Budget) -> None:
     dims = SMOKE_WAN if a.smoke else dict(num_attention_heads=40, ffn_dim=13824)
     latent, n_text = ((3, 16, 32), 8) if a.smoke else ((21, 90, 160), 512)
     dtype = a.e2e_dtype
-    model = shape.make("wan-1.3b", device=device, dtype=dtype, overrides={**dims, "num_layers": layers}).transformer
+    model = sized.make("wan-1.3b", device=device, dtype=dtype, overrides={**dims, "num_layers": layers}).transformer
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(1, 16, *latent, generator=g, device=device, dtype=dtype)
     text = torch.randn(1, n_text, model.config.text_dim, generator=g, device=device, dtype=dtype)

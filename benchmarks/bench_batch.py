@@ -4,7 +4,7 @@ Rows: 50 prompts (seeds 0..49) on ``tiny-sd15`` (32 px, 8 steps by default). Com
 
 * ``plain loop``: the loop a user writes with diffusers alone: ``pipe(**kw)`` per row, then a PIL
   ``save`` of the PNG. No sidecar, no manifest, no atomic rename.
-* ``accel batch off``: `accel.app.batch.run_worker` (what ``accel batch`` runs after parsing) at
+* ``accel batch off``: `accel.batch.run_worker` (what ``accel batch`` runs after parsing) at
   preset ``off``: atomic PNG, sidecar JSON with accel.stats, manifest line with SHA-256, fsync each.
   Its cost over the plain loop is the driver's overhead (target < 5%).
 * ``accel batch <preset>``: every other preset defined when the benchmark runs.
@@ -38,14 +38,15 @@ import torch
 from PIL import Image
 
 import accel
-from accel.app import batch
-from accel.app.generation import generation_defaults
-from accel.app.prompts import Row
-from accel.app.workers import Rank
+from accel import batch
+from accel.batch.workers import Rank
 from accel.eval.clock import measure
 from accel.eval.metrics import psnr, ssim
+from accel.io.prompts import Row
+from accel.cli.batch import SETTINGS
 from accel.pipelines import tiny
 from accel.pipelines.call import call_kwargs, to_frames
+from accel.pipelines.load import call_defaults
 
 SUBJECTS = "cat dog horse bird fox robot castle boat tree flower".split()
 PLACES = "on the moon|in a forest|at the beach|in the snow|in a city".split("|")
@@ -58,13 +59,13 @@ def _rows(n: int) -> list[Row]:
 def _plain_loop(pipe, rows, steps, out: Path) -> None:
     out.mkdir(parents=True)
     for r in rows:
-        kw = call_kwargs(pipe, prompt=r.prompt, steps=steps, seed=r.index, defaults=generation_defaults("tiny-sd15"))
+        kw = call_kwargs(pipe, prompt=r.prompt, steps=steps, seed=r.index, defaults=call_defaults("tiny-sd15"))
         frames = to_frames(pipe(**kw))
         Image.fromarray((np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)).save(out / f"{r.index:05d}.png")
 
 
 def _accel_batch(pipe, rows, steps, out: Path, preset: str) -> None:
-    s = batch.Settings({**{k: d for k, (_, d, _) in batch.SETTINGS.items()}, "model": "tiny-sd15", "out": str(out),
+    s = batch.Settings({**{k: d for k, (_, d, _) in SETTINGS.items()}, "model": "tiny-sd15", "out": str(out),
                         "preset": preset, "steps": steps})
     jobs = batch.plan(rows, s)
     with contextlib.redirect_stdout(io.StringIO()):

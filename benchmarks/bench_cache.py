@@ -1,6 +1,6 @@
 """Step caching: baseline vs our methods vs peers, side by side in one run.
 
-Models: shape models (`accel.pipelines.shape`, random weights, the released denoiser configs) with the
+Models: shape models (`accel.pipelines.sized`, random weights, the released denoiser configs) with the
 depth and width reduced for a CPU through their config overrides; the header of each table prints the
 model string, which `accel bench --model` takes as it is.
 

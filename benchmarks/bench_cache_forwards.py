@@ -26,7 +26,7 @@ from tune_cache import DenoiserClock  # noqa: E402
 import accel  # noqa: E402
 from accel.eval import peers  # noqa: E402
 from accel.eval.clock import measure  # noqa: E402
-from accel.pipelines import shape  # noqa: E402
+from accel.pipelines import sized  # noqa: E402
 
 PEER = peers.PEERS["DeepCache interval 3"]
 INTERVAL = 3  # the peer's
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     w = args.width
-    pipe = shape.make("sd15", overrides={"block_out_channels": (w, 2 * w, 4 * w, 4 * w)})
+    pipe = sized.make("sd15", overrides={"block_out_channels": (w, 2 * w, 4 * w, 4 * w)})
     kw = dict(prompt="a photo of a cat", negative_prompt="blurry", height=args.px, width=args.px,
               num_inference_steps=args.steps, guidance_scale=7.5, output_type="np")
     rows = {"ours": (lambda: accel.apply(pipe, {"cache": {"method": "deepcache", "interval": INTERVAL}}),

@@ -31,7 +31,7 @@ import torch
 import accel
 from accel.eval.clock import measure, median, round_robin
 from accel.eval.metrics import psnr, ssim
-from accel.pipelines import shape
+from accel.pipelines import sized
 
 
 def _as_image(lat, lo, hi):
@@ -137,7 +137,7 @@ def _table(title, results, baseline="baseline"):
 # --- part 1: SD1.5 UNet ------------------------------------------------------------------------
 
 def bench_unet(size, steps, repeats, ratios, cfg_batch=True, like_tomesd=False, only=None):
-    unet = shape.make("sd15").unet
+    unet = sized.make("sd15").unet
     _sharpen(unet)
     lat = size // 8
     batch = 2 if cfg_batch else 1
@@ -179,7 +179,7 @@ def bench_unet(size, steps, repeats, ratios, cfg_batch=True, like_tomesd=False, 
 # --- part 2: Wan-shaped video DiT --------------------------------------------------------------
 
 def bench_dit(grid, layers, steps, repeats, refresh, methods=None):
-    model = shape.make("wan-1.3b", overrides={"num_layers": layers}).transformer
+    model = sized.make("wan-1.3b", overrides={"num_layers": layers}).transformer
     _sharpen(model)
     f, h, w = grid
     x0 = _structured_latent((1, 16, f, 2 * h, 2 * w), 1)

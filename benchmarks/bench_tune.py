@@ -16,8 +16,9 @@ import argparse
 
 import torch
 
-from accel.eval import bench, shapes, space, tune
+from accel.eval import bench, space, tune
 from accel.pipelines.load import load
+from accel.pipelines.ref import data as shapes
 
 
 def run_model(model: str, floor: float, n_tune: int, n_eval: int, repeats: int, steps: int | None) -> None:

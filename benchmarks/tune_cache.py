@@ -32,10 +32,12 @@ import numpy as np
 import torch
 
 import accel
+from accel import presets
 from accel.eval.clock import measure, median, round_robin
 from accel.eval.metrics import compare
 from accel.pipelines import tiny
 from accel.pipelines.call import to_frames
+from accel.presets import CACHE_FLOORS, SPEED_TIE
 
 UNETS = ("sd15", "sdxl", "animatediff")
 DITS = ("flux", "sd3", "pixart", "cogvideox", "wan", "ltx", "hunyuanvideo")
@@ -51,8 +53,7 @@ DEFAULT_DEPTH = {"num_layers": 8}
 # are noise-like and the random VAE flattens the image), so on random-weight models every floor is
 # raised by the measured offset between the random and the trained SD1.5-layout UNet on the same
 # grid (median PSNR difference, `random_offset`; RANDOM_OFFSET when the trained model is not run).
-TIERS = (("safe", 40.0), ("balanced", 32.0), ("fast", 26.0))
-SPEED_TIE = 0.10
+TIERS = tuple(CACHE_FLOORS.items())
 RANDOM_OFFSET = 10.0  # dB; measured 10.1 in BENCHMARKS.md's run (sd15 random vs ref-sd trained)
 
 
@@ -184,13 +185,9 @@ def sweep(name: str, pipe, kwargs, grid: list[dict], steps: int, repeats: int) -
 
 
 def pick(rows: list[dict], floor: float) -> dict | None:
-    """The tier's setting: fastest with PSNR >= floor; near-ties (SPEED_TIE) go to the higher PSNR."""
-    ok = [r for r in rows if _preset_ok(r) and r["psnr"] >= floor and r["speedup"] > 1.0]
-    if not ok:
-        return None
-    best = max(r["speedup"] for r in ok)
-    close = [r for r in ok if r["speedup"] >= best * (1 - SPEED_TIE)]
-    return max(close, key=lambda r: (r["psnr"], r["speedup"]))
+    """The tier's setting by the preset rule (`accel.presets.pick`): fastest with PSNR >= floor; near-ties
+    (SPEED_TIE) go to the higher PSNR."""
+    return presets.pick([r for r in rows if _preset_ok(r)], floor)
 
 
 def _preset_ok(row: dict) -> bool:

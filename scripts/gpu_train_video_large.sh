@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train ref-video-large and judge every preset and technique part on it: one call on one H100/H200, at most
-# 9 minutes of wall time (accel/pipelines/ref/train_video_large.py says what it does and how the time is split).
+# 9 minutes of wall time (training/train_video_large.py says what it does and how the time is split).
 #   OUT=/tmp/out bash scripts/gpu_train_video_large.sh
 #   EXTRA="--micro --device cpu" bash scripts/gpu_train_video_large.sh     # the plumbing, on a CPU (~10 s)
 # The run's own --time-budget ends it in time (what is left of TOTAL_S, default 530 s from this script's start,
@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 left=$((TOTAL_S - (SECONDS - START)))
 budget=$((left - 40))
 rm -rf "$WORK"
-PYTHONUNBUFFERED=1 timeout -s INT -k 15 "$left" python3 -m accel.pipelines.ref.train_video_large \
+PYTHONUNBUFFERED=1 timeout -s INT -k 15 "$left" python3 -m training.train_video_large \
   --out "$WORK/ref-video-large" --time-budget "$budget" ${EXTRA:-} 2>&1 | tee "$OUT/train.log"
 rc=${PIPESTATUS[0]}
 

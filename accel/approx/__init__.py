@@ -1,7 +1,7 @@
 """Request-level approximate caching (NIRVANA, NSDI 2024): a call starts from a similar earlier call's latent.
 
 Configured by `accel.ApproxCacheConfig` (``config.py``); the folder of stored latents is `ApproxCache`
-(``store.py``); the pipeline hooks are ``hooks.py``; ``calibrate.py`` measures the policy on a model.
+(``store.py``); the pipeline hooks are ``hooks.py``; `accel.eval.approx_policy` measures the policy on a model.
 Imports are lazy, so reading the config does not load torch.
 """
 

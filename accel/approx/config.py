@@ -8,7 +8,7 @@ from ..config_base import ConfigBase, ConfigError, spec
 
 # NIRVANA's policy shape: the closer the match, the more leading steps are skipped. Similarities are cosine
 # similarities of the pipeline's own pooled prompt embeddings; the skip is a fraction of the call's steps.
-# Measured on ref-sd (BENCHMARKS.md, "Approximate caching"); `accel.approx.calibrate` measures another model.
+# Measured on ref-sd (BENCHMARKS.md, "Approximate caching"); `accel.eval.approx_policy` measures another model.
 SIMILARITY = (0.97, 0.93, 0.88)
 SKIP = (0.4, 0.3, 0.2)
 

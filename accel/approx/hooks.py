@@ -1,15 +1,19 @@
 """The pipeline side of the approximate cache: plan each call (hit or miss), cut its schedule, swap its latents.
 
-``apply_technique(target, cfg)`` wraps, on the pipeline instance (through the ledger):
+``apply_technique(target, cfg)`` wraps two pipeline methods (through the ledger) and reads the loop
+observer (`accel.loop`) for the rest:
 
-- ``encode_prompt``: the first encoding of a call gives the pooled prompt embedding; the pipeline's
-  ``__call__`` arguments, read from its frame (sizes after the pipeline filled its defaults), give the
-  scope; the nearest stored entry of that scope decides hit (K by the policy table) or miss;
-- ``scheduler.set_timesteps``: on a hit, the schedule starts at step K (``timesteps`` and ``sigmas``
-  sliced, so the loop runs N - K steps and the scheduler's own step index stays consistent);
+- ``encode_prompt``: the first encoding of a call gives the pooled prompt embedding; the call's arguments
+  (the observer's `CallInfo`) give the scope; the nearest stored entry of that scope decides hit (K by the
+  policy table) or miss;
+- timesteps set: on a hit, the schedule starts at step K (``timesteps`` and ``sigmas`` sliced, so the loop
+  runs N - K steps and the scheduler's own step index stays consistent);
 - ``prepare_latents``: on a hit, the fresh noise is replaced by the stored latent after K steps;
-- ``scheduler.step``: on a miss, the latents after the ``store_at`` steps are kept, and the entry is
-  written when the call's last step ends.
+- step end: on a miss, the latents after the ``store_at`` steps are kept, and the entry is written when the
+  call's last step ends, by the one process that writes files (`accel.roles.writes_files`).
+
+Processes that run one call together (`accel.parallelize`) take one decision: the writing process's
+(`accel.roles.decide`), latent included, so their schedules stay the same length.
 
 A call the cache cannot serve honestly runs untouched and says why in ``stats()["approx"]["reason"]``:
 a batch of prompts or images per prompt, given latents, an input image/video/mask (img2img, I2V,
@@ -22,14 +26,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config_base import ConfigError
+from ..loop import CallInfo
+from ..roles import decide, writes_files
 from .config import ApproxCacheConfig
-from .store import ApproxCache, logger
+from .store import ApproxCache, Entry, Match, logger
 
 # __call__ arguments that change the trajectory (with the model, scheduler and dtype): the scope.
 SCOPE_ARGS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_2",
@@ -52,7 +57,7 @@ def open_cache(folder: str, max_gb: float = 10.0) -> ApproxCache:
 
 @dataclass
 class _Plan:
-    frame: object  # the pipeline __call__ frame this plan belongs to; released when the call ends
+    call: CallInfo | None  # the pipeline call this plan belongs to; released when the call ends
     scope: str = ""
     prompt: str = ""
     embedding: torch.Tensor | None = None
@@ -76,48 +81,33 @@ class ApproxHandle:
         self.denoisers = [a.module for a in target.adapters]
         self.plan: _Plan | None = None
         self.totals = {"calls": 0, "hits": 0, "misses": 0, "stored": 0, "steps_saved": 0, "steps_total": 0}
-        self._scheduler = None
-        self._watched: list = []
+        self.loop = target.tracker
         self.ledger.wrap_method(self.pipe, "encode_prompt", self._wrap_encode)
         self.ledger.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare)
-        if callable(getattr(self.pipe, "maybe_free_model_hooks", None)):  # every pipeline calls it as it ends
-            self.ledger.wrap_method(self.pipe, "maybe_free_model_hooks", self._wrap_call_end)
-        self._watch(self.pipe.scheduler)
+        self.loop.on_timesteps(self._on_timesteps)
+        self.loop.on_step_end(self._on_step_end)
+        self.loop.on_call_exit(self._on_call_exit)
 
-    # --- wrappers -----------------------------------------------------------------------------
-    def _watch(self, scheduler) -> None:
-        self._scheduler = scheduler
-        if any(s is scheduler for s in self._watched):  # swapped back: already wrapped once
-            return
-        self._watched.append(scheduler)
-        self.ledger.wrap_method(scheduler, "set_timesteps", self._wrap_set_timesteps)
-        self.ledger.wrap_method(scheduler, "step", self._wrap_step)
-
+    # --- wrappers and loop events -------------------------------------------------------------
     def _wrap_encode(self, original):
         def encode_prompt(*args, **kwargs):
             out = original(*args, **kwargs)
-            frame = _call_frame(self.pipe)
-            if frame is not None and (self.plan is None or self.plan.frame is not frame):
-                self._plan_call(frame, out)  # the call's first encoding is its prompt's
+            call = self.loop.call
+            if call is not None and (self.plan is None or self.plan.call is not call):
+                self._plan_call(call, out)  # the call's first encoding is its prompt's
             return out
         return encode_prompt
 
-    def _wrap_call_end(self, original):
-        def maybe_free_model_hooks(*args, **kwargs):
-            if self.plan is not None:  # the call is over: let its frame (and its locals) go
-                self.plan.frame = self.plan.latent = None
-                self.plan.keep = {}
-            return original(*args, **kwargs)
-        return maybe_free_model_hooks
+    def _on_call_exit(self, call: CallInfo) -> None:
+        plan = self.plan
+        if plan is not None and plan.call is call:  # the call is over: let its arguments and latents go
+            plan.call = plan.latent = None
+            plan.keep = {}
 
-    def _wrap_set_timesteps(self, original):
-        def set_timesteps(*args, **kwargs):
-            out = original(*args, **kwargs)
-            plan = self._live_plan()
-            if plan is not None and plan.reason is None:
-                self._start(plan)
-            return out
-        return set_timesteps
+    def _on_timesteps(self, scheduler) -> None:
+        plan = self._live_plan()
+        if plan is not None and plan.reason is None:
+            self._start(plan, scheduler)
 
     def _wrap_prepare(self, original):
         def prepare_latents(*args, **kwargs):
@@ -137,35 +127,29 @@ class ApproxHandle:
             return (stored, *out[1:]) if isinstance(out, tuple) else stored
         return prepare_latents
 
-    def _wrap_step(self, original):
-        def step(*args, **kwargs):
-            out = original(*args, **kwargs)
-            plan = self._live_plan()
-            if plan is None or plan.reason is not None or plan.total == 0:
-                return out
-            plan.steps_done += 1
-            done = plan.skip + plan.steps_done  # steps of the full schedule behind this latent
-            if plan.match is None and done in self._store_steps(plan.total):
-                sample = out[0] if isinstance(out, tuple) else out.prev_sample
-                plan.keep[done] = sample.detach().clone()
-            if plan.steps_done == plan.total - plan.skip:
-                self._finish(plan)
-            return out
-        return step
+    def _on_step_end(self, state, out) -> None:
+        plan = self._live_plan()
+        if plan is None or plan.reason is not None or plan.total == 0:
+            return
+        plan.steps_done += 1
+        done = plan.skip + plan.steps_done  # steps of the full schedule behind this latent
+        if plan.match is None and done in self._store_steps(plan.total):
+            sample = out[0] if isinstance(out, tuple) else out.prev_sample
+            plan.keep[done] = sample.detach().clone()
+        if plan.steps_done == plan.total - plan.skip:
+            self._finish(plan)
 
     # --- the plan of one call -----------------------------------------------------------------
     def _live_plan(self) -> _Plan | None:
         plan = self.plan
-        if plan is None or _call_frame(self.pipe) is not plan.frame:
+        if plan is None or plan.call is None or self.loop.call is not plan.call:
             return None
         return plan
 
-    def _plan_call(self, frame, encoded) -> None:
-        plan = self.plan = _Plan(frame)
+    def _plan_call(self, call: CallInfo, encoded) -> None:
+        plan = self.plan = _Plan(call)
         self.totals["calls"] += 1
-        if self.pipe.scheduler is not self._scheduler:  # swapped after apply
-            self._watch(self.pipe.scheduler)
-        local = frame.f_locals
+        local = call.args
         plan.reason = _ineligible(local, self.pipe.scheduler)
         if plan.reason is None:
             plan.embedding = _pooled(encoded)
@@ -180,20 +164,29 @@ class ApproxHandle:
         prompt = local.get("prompt")
         plan.prompt = prompt if isinstance(prompt, str) else prompt[0] if isinstance(prompt, (list, tuple)) else ""
         plan.scope, plan.total = self._scope(local), steps
-        match = self.cache.nearest(plan.scope, plan.embedding)
-        if match is not None:
-            plan.similarity = match.similarity
-            k = self._skip_for(match, steps)
-            if k > 0:
-                try:  # read now: another process may evict the entry before prepare_latents runs
-                    plan.latent = self.cache.latent(match.entry, k)
-                    plan.match, plan.skip = match, k
-                except Exception as e:  # noqa: BLE001 - an entry that cannot be read is a miss
-                    logger.warning("approximate cache: entry %s unreadable (%s); running fully", match.entry.id, e)
+        choice = decide(self.pipe, lambda: self._choose(plan.scope, plan.embedding, steps))
+        if choice is not None:
+            eid, plan.similarity, k, latent = choice
+            if latent is not None:
+                entry = self.cache.entries.get(eid) or Entry(eid, plan.scope, steps, (k,), 0)  # the writer's
+                plan.latent, plan.match, plan.skip = latent, Match(entry, plan.similarity), k
 
-    def _start(self, plan: _Plan) -> None:
+    def _choose(self, scope: str, embedding: torch.Tensor, steps: int):
+        """(entry id, similarity, K, the entry's latent after K steps or None) of the nearest entry, or None."""
+        match = self.cache.nearest(scope, embedding)
+        if match is None:
+            return None
+        k = self._skip_for(match, steps)
+        latent = None
+        if k > 0:
+            try:  # read now: another process may evict the entry before prepare_latents runs
+                latent = self.cache.latent(match.entry, k)
+            except Exception as e:  # noqa: BLE001 - an entry that cannot be read is a miss
+                logger.warning("approximate cache: entry %s unreadable (%s); running fully", match.entry.id, e)
+        return match.entry.id, match.similarity, k if latent is not None else 0, latent
+
+    def _start(self, plan: _Plan, scheduler) -> None:
         """set_timesteps ran: check the schedule has the planned length, and cut it on a hit."""
-        scheduler = self.pipe.scheduler
         n = len(scheduler.timesteps)
         if n != plan.total:
             if plan.match is not None:
@@ -220,10 +213,11 @@ class ApproxHandle:
         if plan.match is not None:
             self.totals["hits"] += 1
             self.totals["steps_saved"] += plan.skip
-            self.cache.record_hit(plan.match.entry, plan.skip)
+            if writes_files(self.pipe):
+                self.cache.record_hit(plan.match.entry, plan.skip)
             return
         self.totals["misses"] += 1
-        if plan.keep and _writes_files(self.pipe):
+        if plan.keep and writes_files(self.pipe):
             entry = self.cache.add(plan.scope, plan.total, plan.embedding, plan.keep, plan.prompt)
             plan.stored = entry.id
             self.totals["stored"] += 1
@@ -265,16 +259,6 @@ def apply_technique(target, cfg: ApproxCacheConfig) -> ApproxHandle:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def _call_frame(pipe):
-    """The frame of ``pipe.__call__`` running now (the caller of the wrapped method), or None."""
-    f = sys._getframe(2)
-    while f is not None:
-        if f.f_code.co_name == "__call__" and f.f_locals.get("self") is pipe:
-            return f
-        f = f.f_back
-    return None
-
 
 def _ineligible(local: dict, scheduler) -> str | None:
     prompt = local.get("prompt")
@@ -355,14 +339,3 @@ def _jsonable(v):
         return v.tolist()
     return repr(v) if not hasattr(v, "shape") else f"tensor{tuple(v.shape)}"
 
-
-def _writes_files(pipe) -> bool:
-    """One writer per copy of the pipeline: every process when it runs alone (batch shards, app workers), the
-    first rank of its group when `accel.parallelize` spreads one call over several (they hold the same latents)."""
-    from ..parallel import api as parallel_api
-    from ..parallel.runtime import rank
-
-    handle = pipe.__dict__.get(parallel_api._STATE_ATTR)
-    if handle is None:
-        return True
-    return rank() % max(1, handle.cfg.world_size) == 0

@@ -3,7 +3,8 @@
 `apply_technique(target, cfg)` installs one `SparseProcessor` (processor.py) on every self, joint
 and temporal attention module of each denoiser, through ``target.ledger`` so `accel.remove`
 restores the original processors. Masks come from patterns.py over the tiled token layout of
-layout.py; kernels from backends.py (flex, sdpa, xformers) and kernels/ (our Triton kernel).
+layout.py; kernels from backends/ (one module per backend behind one registry) and kernels/ (our Triton
+kernel).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 
 from .._lazy import lazy
 from ..config_base import ConfigError
+from .backends import FALLBACK
 from .config import AttentionConfig
 
 # the engine and the processor import torch and diffusers: only when used, not with the package
@@ -20,6 +22,7 @@ __getattr__, __dir__ = lazy(__name__, {"SparseAttention": ".sparse", "SparseProc
 __all__ = ["AttentionConfig", "SparseAttention", "SparseProcessor", "apply_technique", "resolve_backend"]
 
 logger = logging.getLogger("accel.attention")
+_FALLBACK_TEXT = " (else ".join(FALLBACK) + ")" * (len(FALLBACK) - 1)  # "flex (else sdpa)"
 
 
 def unavailable_reason(backend: str, device) -> str | None:
@@ -43,8 +46,8 @@ def resolve_backend(cfg: AttentionConfig, device) -> tuple[str, str | None]:
         return cfg.backend, None
     if cfg.on_unavailable == "error":
         raise ConfigError(f"attention.backend: {cfg.backend!r} is unavailable: {reason}; "
-                          "or set attention.on_unavailable='fallback' to use flex (else sdpa) instead")
-    fallback = "flex" if unavailable_reason("flex", device) is None else "sdpa"
+                          f"or set attention.on_unavailable='fallback' to use {_FALLBACK_TEXT} instead")
+    fallback = next((b for b in FALLBACK[:-1] if unavailable_reason(b, device) is None), FALLBACK[-1])
     logger.warning("accel.attention: backend %r unavailable (%s); falling back to %r", cfg.backend, reason, fallback)
     return fallback, reason
 

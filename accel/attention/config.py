@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config_base import ConfigBase, ConfigError, spec
+from .backends import NAMES as BACKEND_NAMES
 
 PATTERNS = ("dense", "tile", "spatial_temporal", "radial", "global_local", "topk")
-BACKENDS = ("auto", "sdpa", "xformers", "flex", "triton", "gather")
+BACKENDS = ("auto", *BACKEND_NAMES)  # `auto` picks one of the registry's backends per call
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class AttentionConfig(ConfigBase):
 
     Important: ``pattern`` (``dense`` is off), ``density`` (fraction of video query-block x
     key-block pairs computed; 1.0 is dense) and ``backend``: ``auto`` (the default) picks, per
-    call, the fastest measured kernel for the tensors' device and dtype (`backends.auto_backend`:
+    call, the fastest measured kernel for the tensors' device and dtype (`backends.AUTO`:
     our Triton kernel on CUDA in fp16/bf16, ``flex`` on CUDA in fp32, ``gather`` on CPU);
     ``flex``, ``triton`` and ``gather`` name one (each skips the blocks that are not computed);
     ``sdpa``/``xformers`` apply the same mask densely, a reference.

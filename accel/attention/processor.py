@@ -82,7 +82,7 @@ class SparseProcessor:
         if place is None:
             self.engine.skip("grid_lost")
             return dense()
-        keys = None if attn_mask is None else _text_key_padding(attn_mask, query, *place)
+        keys = None if attn_mask is None else _text_key_padding(attn_mask, query, *place[1:])
         if attn_mask is not None and keys is None:
             self.engine.skip("not_self_attention")
             return dense()
@@ -117,7 +117,7 @@ class SparseProcessor:
         return out
 
 
-def _text_key_padding(mask, query, grid, text_len: int, text_first: bool):
+def _text_key_padding(mask, query, text_len: int, text_first: bool):
     """[B, N] bool keys kept, when ``mask`` is a key-padding mask ([B or 1, 1, 1, N], bool or 0/-inf) that only
     drops text tokens; None for any other mask (those calls run dense). Its checks read the mask's values: a few
     host syncs per call, only for calls that carry a mask (HunyuanVideo's padded prompt)."""

@@ -96,13 +96,14 @@ class SparseAttention:
         layout = layout.to(q.device)
         cfg = self.cfg
         kernel = backends.auto_backend(q.device, q.dtype) if self.backend == "auto" else self.backend
-        if kernel == "triton" and not cfg.renorm and cfg.pattern in MODEL_ORDER_PATTERNS:
-            # masks that need no q/k statistics: our kernel reads and writes the model's order directly
+        model_order = backends.get(kernel).run_model_order
+        if model_order is not None and not cfg.renorm and cfg.pattern in MODEL_ORDER_PATTERNS:
+            # masks that need no q/k statistics: a backend that reads and writes the model's order runs on it
             mask = self._mask(site_key, layout, None, None, scale)
             if self.backend == "auto":
                 out, ran = backends.run_auto(q, k, v, mask, scale, cfg.flex_compile, model_order=True, backend=kernel)
             else:
-                out, ran = backends.triton_model_order(q, k, v, mask, scale), "triton"
+                out, ran = model_order(q, k, v, mask, scale), kernel
             self._count(mask, ran)
             return out
         qb, kb, vb = to_blocks(q, layout), to_blocks(k, layout), to_blocks(v, layout)

@@ -63,7 +63,7 @@ class CacheConfig(ConfigBase):
 
 # From benchmarks/tune_cache.py, BENCHMARKS.md "## Step caching", "Per-family sweep" (2-core CPU,
 # median of 2; `python benchmarks/tune_cache.py --ref-sd ... --ref-dit ... --from-json ...` reprints
-# the picks). Rule (tune_cache.pick): per family and tier, the fastest setting by denoiser CPU time
+# the picks). Rule (`accel.presets`): per family and tier, the fastest setting by denoiser CPU time
 # whose PSNR against the uncached output of the same seed is >= 40 dB (safe), 32 dB (balanced),
 # 26 dB (fast); settings within 10% of the fastest count as equally fast and the higher PSNR wins.
 # UNets: sd15 is decided on the trained ref-sd (SD1.5 layout, 25 steps); sdxl and animatediff on

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from ..tracking import StepState
+from ..loop import StepState
 
 
 def state_key(s: StepState) -> tuple:

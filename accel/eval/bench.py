@@ -20,7 +20,6 @@ The engine (`Workload`, `Row`, `run`) is what `accel tune` and the scripts in ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __file__ as package_file
+from .. import __version__, api
+from ..config import available_presets, preset
+from ..config_base import ConfigError
+from ..io.prompts import read_rows
+from ..layering import layered, read_sections
+from ..pipelines.call import call_kwargs, family_name, to_frames
+from ..pipelines.load import call_defaults, quiet_loading
+from ..pipelines.ref import checker
+from ..pipelines.ref import data as shapes
+from . import peers, space
+from .clock import error_line, measure, round_robin
+from .compare import engaged
+from .metrics import compare
+from .snapshot import Snapshot
 
 RANDOM_WEIGHTS_NOTE = ("random weights: PSNR/SSIM say how much a setting changes the output, not whether a trained "
                        "model would still draw the same thing (random weights overstated DiT fidelity by a median "
@@ -41,7 +60,7 @@ GENERIC_PROMPTS = ("a photo of a red fox in a snowy forest, golden hour",
 @dataclasses.dataclass
 class Call:
     """One pipeline call of the workload: keyword arguments (no generator), its seed, and what the
-    checker scores it against (a scene or clip of `accel.eval.shapes`; None: not scored)."""
+    checker scores it against (a scene or clip of `accel.pipelines.ref.data`; None: not scored)."""
 
     kwargs: dict
     seed: int
@@ -101,12 +120,8 @@ class Result:
 
 def _scorer(model: str):
     """The checker for a built-in trained model: (outputs, items) -> scores."""
-    from . import checker
-
     if model == "ref-video":
-        from ..pipelines.ref import train_video
-
-        return train_video.score
+        return checker.score_videos
     if model.startswith("ref-"):
         return lambda outs, items: {k: v for k, v in checker.score_images(outs, items).items() if k != "objects"}
     return None
@@ -114,8 +129,6 @@ def _scorer(model: str):
 
 def read_prompts(path) -> list[tuple[str, str | None]]:
     """(prompt, negative prompt) of each row of a prompt file (.txt, .jsonl, .csv as `accel batch` reads)."""
-    from ..app.prompts import read_rows
-
     return [(r.prompt, r.negative_prompt) for r in read_rows(Path(path))]
 
 
@@ -126,12 +139,8 @@ def workload(pipe, model: str, *, prompts: list | None = None, n_prompts: int | 
     """The calls of a benchmark: ``prompts`` ((prompt, negative) pairs, or strings) x ``seeds`` seeds.
     Without prompts, a built-in trained model gets ``n_prompts`` of its held-out prompts (scored by the
     checker; ``prompt_seed`` picks another held-out set) and other models a few generic ones."""
-    from ..app.generation import generation_defaults
-    from ..pipelines.call import call_kwargs, family_name
-    from . import shapes
-
     family = family_name(pipe)
-    defaults = generation_defaults(model)
+    defaults = call_defaults(model)
     items: list = []
     if prompts is None and model.startswith("ref-"):
         n = n_prompts or 4
@@ -156,63 +165,6 @@ def workload(pipe, model: str, *, prompts: list | None = None, n_prompts: int | 
 
 
 # --- the engine ----------------------------------------------------------------------------------
-class _Snapshot:
-    """The instance attributes, submodules and hooks of every module of a pipeline, the pipeline's own
-    attributes, and the ``__call__``/``forward`` of their classes, restored after a peer's ``disable``:
-    a peer that leaves a patch behind (cache-dit 1.5 keeps its patched transformer forward after
-    ``disable_cache``) would otherwise run under every later row."""
-
-    def __init__(self, pipe):
-        import torch
-
-        self.pipe_dict = dict(pipe.__dict__)
-        mods = [m for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
-        self.modules = [(m, dict(m.__dict__), dict(m._modules), dict(m._forward_hooks), dict(m._forward_pre_hooks))
-                        for m in mods]
-        self.classes = {(cls, name): cls.__dict__[name] for cls in {type(pipe), *(type(m) for m in mods)}
-                        for name in ("__call__", "forward") if name in cls.__dict__}
-        # diffusers' hook registries are changed in place (a peer adds its hooks to an existing one)
-        self.registries = [(r, dict(r.hooks), list(r._hook_order), list(r._fn_refs), r._module_ref)
-                           for r in (m.__dict__.get("_diffusers_hook") for m in mods) if r is not None]
-
-    @staticmethod
-    def _put_back(live: dict, saved: dict, watch=lambda k: True) -> bool:
-        """``live`` made equal to ``saved`` again; True when a ``watch``-ed key had changed."""
-        changed = False
-        for k in [k for k in live if k not in saved]:
-            del live[k]
-            changed |= watch(k)
-        for k, v in saved.items():
-            if live.get(k, _MISSING) is not v:
-                live[k] = v
-                changed |= watch(k)
-        return changed
-
-    def restore(self, pipe) -> bool:
-        """Put everything back; True when a patch had been left behind (a forward or ``__call__``, a
-        submodule, a hook). The attributes a pipeline or module sets on itself during a call are put back
-        too, without counting."""
-        changed = self._put_back(pipe.__dict__, self.pipe_dict, lambda k: k == "__call__")
-        for m, d, children, hooks, pre in self.modules:
-            # diffusers' hook removal leaves the class's own forward bound on the instance: the same code
-            own = getattr(m.__dict__.get("forward"), "__func__", None) is type(m).forward and "forward" not in d
-            changed |= self._put_back(m.__dict__, d, lambda k, own=own: k == "forward" and not own)
-            for live, saved in ((m._modules, children), (m._forward_hooks, hooks), (m._forward_pre_hooks, pre)):
-                changed |= self._put_back(live, saved)
-        for reg, hooks, order, refs, ref in self.registries:
-            if reg.hooks != hooks or reg._hook_order != order or reg._fn_refs != refs or reg._module_ref is not ref:
-                reg.hooks, reg._hook_order, reg._fn_refs, reg._module_ref = dict(hooks), list(order), list(refs), ref
-                changed = True
-        for (cls, name), fn in self.classes.items():
-            if cls.__dict__.get(name) is not fn:
-                setattr(cls, name, fn)
-                changed = True
-        return changed
-
-
-_MISSING = object()
-
-
 class _Sampler:
     """Runs one sample of a row (all its calls) and keeps the baseline's outputs for fidelity."""
 
@@ -223,11 +175,6 @@ class _Sampler:
         self.left_behind: set[str] = set()  # peers whose disable left the pipeline changed (put back by us)
 
     def _call(self, call: Call):
-        import torch
-
-        from ..pipelines.call import to_frames
-        from .clock import measure
-
         def go():
             return self.work.pipe(**call.kwargs, generator=torch.Generator("cpu").manual_seed(call.seed))
 
@@ -237,17 +184,13 @@ class _Sampler:
     def sample(self, row: Row, calls: list[Call] | None = None, keep: bool = True):
         """(seconds, wall seconds, peak bytes) of the row's calls; the first kept sample of a row is
         scored against the baseline."""
-        import accel
-
-        from .compare import engaged
-
         work = self.work
         calls = work.calls if calls is None else calls
         snapshot = None
         if row.config is not None:
-            accel.apply(work.pipe, row.config)
+            api.apply(work.pipe, row.config)
         elif row.peer is not None:
-            snapshot = _Snapshot(work.pipe)
+            snapshot = Snapshot(work.pipe)
             try:
                 row.peer.enable(work.pipe, work.steps, work.calls[0].kwargs)
             except BaseException:  # a peer that fails half-way through patching leaves nothing behind
@@ -264,10 +207,10 @@ class _Sampler:
                 peak = s.peak_bytes if peak is None or (s.peak_bytes or 0) > peak else peak
                 if score:
                     outs.append(frames)
-            what = engaged(accel.stats(work.pipe)) if row.config is not None else []
+            what = engaged(api.stats(work.pipe)) if row.config is not None else []
         finally:
             if row.config is not None:
-                accel.remove(work.pipe)
+                api.remove(work.pipe)
             elif row.peer is not None:
                 try:
                     row.peer.disable(work.pipe)
@@ -279,10 +222,6 @@ class _Sampler:
         return seconds, wall, peak
 
     def _score(self, row: Row, outs: list, what: list) -> None:
-        import numpy as np
-
-        from .metrics import compare
-
         if row.kind == "baseline":
             self.reference = outs
         ref = self.reference
@@ -304,8 +243,6 @@ class _Sampler:
 
 def _progress(total: int, enabled: bool, desc: str = "accel bench"):
     """A progress bar on stderr when it is a terminal (``enabled`` False: none)."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="run", disable=None if enabled else True, file=sys.stderr, leave=False,
                 dynamic_ncols=True, mininterval=0.5)
 
@@ -316,8 +253,6 @@ def run(work: Workload, rows: list[Row], *, repeats: int = 3, warmup: bool = Tru
 
     A row that raises is reported with its error and left out of later rounds. Ctrl-C (or ``stop()``
     returning True) ends the run; what was measured is returned, with ``stopped`` True."""
-    from .clock import error_line, round_robin
-
     if not rows or rows[0].kind != "baseline":
         raise ValueError("the first row must be the baseline")
     sampler = sampler or _Sampler(work)
@@ -326,7 +261,7 @@ def run(work: Workload, rows: list[Row], *, repeats: int = 3, warmup: bool = Tru
     samples: dict[str, list] = {r.label: [] for r in live}
     errors: dict[str, str] = {}
     stopped = False
-    from ..pipelines.load import quiet_loading as quiet  # diffusers' per-call warnings would break the bar
+    quiet = quiet_loading  # diffusers' per-call warnings would break the bar
 
     def one(row):
         def fn():
@@ -387,8 +322,6 @@ def _results(rows, samples, errors, sampler) -> list[Result]:
 
 # --- rows from the command line ------------------------------------------------------------------
 def preset_rows(family: str | None, names: list[str]) -> list[Row]:
-    from ..config import available_presets, preset
-
     known = available_presets()
     rows = []
     for name in names:
@@ -402,14 +335,11 @@ def preset_rows(family: str | None, names: list[str]) -> list[Row]:
 def config_rows(paths: list[str], family: str | None) -> list[Row]:
     """One row per config file (a config file or an output's sidecar); a bad file raises ValueError
     naming the file and what is wrong, before anything runs."""
-    from ..app.batch import config_for, read_sections
-    from ..config_base import ConfigError
-
     rows = []
     for path in paths:
         try:
             _, sections = read_sections(path, [])
-            cfg = config_for("off", sections, family)
+            cfg = layered("off", sections, family)
         except ConfigError as e:
             raise ValueError(f"--configs {path}: {e}") from None
         except Exception as e:  # UsageError from the reader: no such file, unknown section, unreadable
@@ -419,14 +349,10 @@ def config_rows(paths: list[str], family: str | None) -> list[Row]:
 
 
 def sweep_rows(family: str, specs: list[str]) -> list[Row]:
-    from . import space
-
     return [Row(s.label, "sweep", s.config) for spec in specs for s in space.sweep(family, spec)]
 
 
 def peer_rows(work: Workload, spec: str | None) -> list[Row]:
-    from . import peers
-
     return [Row(f"peer {p.name}", "peer", peer=p, skipped=p.unavailable(work.pipe, work.family))
             for p in peers.select(spec)]
 
@@ -477,21 +403,18 @@ def environment(device: str) -> dict:
     import platform
 
     import diffusers
-    import torch
-
-    import accel
 
     dev = str(device)
     name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     try:
-        here = str(Path(accel.__file__).resolve().parent)
+        here = str(Path(package_file).resolve().parent)
         commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"device": dev, "device_name": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "accel": accel.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
+            "accel": __version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
             "timing": "CUDA events" if dev.startswith("cuda") else "process CPU time"}
 
 
@@ -500,129 +423,3 @@ def report(work: Workload, results: list[Result], *, repeats: int, stopped: bool
             "calls": [{**{k: v for k, v in c.kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))},
                        "seed": c.seed} for c in work.calls],
             "random_weights": work.random_weights, "rows": [dataclasses.asdict(r) for r in results]}
-
-
-# --- the command ---------------------------------------------------------------------------------
-def add_model_args(p) -> None:
-    """The model and call options `accel bench` and `accel tune` share with `accel generate`."""
-    from ..app.cli import _positive_int, row_field
-    from ..pipelines.load import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"hub id, local diffusers folder, built-in name (default {DEFAULT_MODEL}; see `accel models`), "
-                        "or a shape model: shape:flux, shape:wan-1.3b, shape:sd15, shape:sdxl "
-                        "(random weights at the real size; shape:flux:num_layers=2 shrinks it)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", help="bf16, fp16, fp32 or auto (bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--steps", type=row_field("steps"), default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--height", type=row_field("height"), default=None)
-    p.add_argument("--width", type=row_field("width"), default=None)
-    p.add_argument("--frames", type=row_field("frames"), default=None, help="video frames (video models)")
-    p.add_argument("--guidance", type=row_field("guidance"), default=None)
-    p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per prompt (0..N-1; default 1)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU: torch threads (1 keeps CPU time steady on a shared machine)")
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="measure speed and fidelity of presets, configs and peers on a model",
-                       description=__doc__.split("\n\n")[0])
-    add_model_args(p)
-    p.add_argument("--presets", default="off,safe,balanced,fast",
-                   help="comma list of presets to measure (off is the baseline and always runs; default: "
-                        "off,safe,balanced,fast)")
-    p.add_argument("--configs", nargs="+", default=[], metavar="FILE",
-                   help="config files (or outputs' sidecars) to measure, one row each")
-    p.add_argument("--sweep", action="append", default=[], metavar="KNOB",
-                   help="rows over a technique's main knob (cache, tokens, attention) or section.field=v1,v2,... "
-                        "(e.g. cache.threshold=0.05,0.1,0.2); repeatable")
-    p.add_argument("--peers", default="none",
-                   help="peer rows: all, none, or a comma list (diffusers, cache-dit, tomesd, DeepCache, or a "
-                        "full name); peers not installed or not for this family are listed with the reason")
-    p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="prompt file (.txt/.jsonl/.csv as accel batch reads); default: the built-in trained "
-                        "model's held-out prompts (scored by the checker), else a few generic prompts")
-    p.add_argument("--n-prompts", type=_positive_count, default=None, help="how many default prompts (default 4 "
-                   "on ref-* models, else 2)")
-    p.add_argument("--repeats", type=_positive_count, default=3, help="timed rounds (median; default 3)")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call of each row")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
-    p.set_defaults(func=cmd_bench)
-
-
-def _positive_count(text: str) -> int:
-    from ..app.cli import _positive_int
-
-    return _positive_int(text)
-
-
-def prepare(args):
-    """The `Workload` of the model and call options; a prompt file is read before the model loads."""
-    from ..app.cli import UsageError
-    from ..pipelines.load import ModelLoadError, default_device, load
-
-    if args.prompts is not None and not Path(args.prompts).is_file():
-        raise UsageError(f"--prompts {args.prompts!r}: no such file")
-    prompts = read_prompts(args.prompts) if args.prompts else None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    device = args.device or default_device()
-    try:
-        pipe = load(args.model, device=device, dtype=args.dtype, seed=0)
-    except ModelLoadError as e:
-        raise UsageError(str(e)) from None
-    pipe.set_progress_bar_config(disable=True)
-    work = workload(pipe, args.model, prompts=prompts, n_prompts=getattr(args, "n_prompts", None), seeds=args.seeds,
-                    steps=args.steps, height=args.height, width=args.width, frames=args.frames,
-                    guidance=args.guidance, device=device)
-    return work
-
-
-def cmd_bench(args) -> int:
-    from ..app.cli import UsageError
-
-    names = [n.strip() for n in args.presets.split(",") if n.strip()]
-    for path in args.configs:
-        if not Path(path).is_file():
-            raise UsageError(f"--configs {path!r}: no such file")
-    try:
-        from . import peers
-
-        peers.select(args.peers)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    try:  # config files are read and checked before the model loads (the preset under them is off)
-        configs = config_rows(args.configs, None)
-        preset_rows(None, names)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    work = prepare(args)
-    try:
-        rows = [Row("off (baseline)", "baseline")] + preset_rows(work.family, names) + configs + \
-            sweep_rows(work.family, args.sweep) + peer_rows(work, args.peers)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    env = environment(work.device)
-    print(f"accel bench: {args.model} ({work.family}, {type(work.pipe).__name__}) on {env['device_name']}, "
-          f"{len(work.calls)} call(s) of {work.steps} steps per row, {len(rows)} rows, {args.repeats} rounds",
-          file=sys.stderr)
-    if work.random_weights:
-        print(f"note: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
-    results, stopped = run(work, rows, repeats=args.repeats, warmup=not args.no_warmup)
-    rep = report(work, results, repeats=args.repeats, stopped=stopped, env=env)
-    print(f"\n### {args.model}: {env['device_name']}, torch {env['torch']}, diffusers {env['diffusers']}, "
-          f"commit {env['commit'] or '-'}, {env['date']}\n")
-    print(f"{len(work.calls)} call(s) per row ({work.steps} steps); time: {env['timing']}, median of "
-          f"{args.repeats} round(s) after a warm-up; fidelity against the baseline's output of the same prompt and "
-          "seed" + (" and the checker's scores" if work.scorer else "") + "\n")
-    print(table(results))
-    if work.random_weights:
-        print(f"\nNote: {RANDOM_WEIGHTS_NOTE}.")
-    if stopped:
-        print("\nStopped early: the rows above hold what was measured.")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=1, default=str))
-        print(f"\nwrote {args.json}")
-    return 130 if stopped else 0

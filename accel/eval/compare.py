@@ -13,6 +13,9 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
+from .clock import measure
+from .metrics import compare
+
 
 def engaged(stats: dict) -> list[str]:
     """One line per technique that did work in the last call (empty: nothing engaged)."""
@@ -48,8 +51,6 @@ def timed_pair(baseline: Callable[[], object], accelerated: Callable[[], object]
     callable} run untimed before each call of that side (`accel.remove` / `accel.apply`). Returns
     ``baseline_s``/``accelerated_s`` (medians), ``*_range`` ([min, max]), ``speedup`` (ratio of the medians)
     and the last output of each."""
-    from .clock import measure
-
     prepare = prepare or {}
     device = _device()  # the wall time a user waits, measured by the one clock (synchronised on CUDA)
     fns = {"baseline": baseline, "accelerated": accelerated}
@@ -76,8 +77,6 @@ def report(pair: dict, stats: dict) -> tuple[object, object, dict]:
     left ``stats``: PSNR/SSIM of the accelerated output against the baseline, the timings (rounded) and what
     engaged. Outputs are arrays, or lists of frames (stacked for the metrics)."""
     import numpy as np
-
-    from .metrics import compare
 
     base, acc = pair["baseline_out"], pair["accelerated_out"]
     def rounded(v):  # medians and their ranges alike, so a median never falls outside its rounded range

@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..families import denoisers_of
+
 
 @dataclass
 class Peer:
@@ -63,8 +65,6 @@ def _blocks(module) -> int:
 
 
 def _denoiser(pipe):
-    from ..families import denoisers_of
-
     return denoisers_of(pipe)[0][1]
 
 

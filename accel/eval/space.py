@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import Config, preset
-from ..families import FAMILIES
+from ..config import TECHNIQUES as _RECORDS
+from ..config import Config, preset, sweep_rows
 
-TECHNIQUES = ("cache", "tokens", "attention")
-CACHE_INTERVALS_UNET = (2, 3, 4, 5, 6, 8, 10)
-CACHE_THRESHOLDS_DIT = (0.05, 0.1, 0.2, 0.3)
-CACHE_INTERVALS_DIT = (2, 3)
-TOKEN_RATIOS = (0.3, 0.5, 0.7)
-DENSITIES = (0.5, 0.25, 0.1)
-SPARSE_PATTERNS = ("tile", "radial", "spatial_temporal")
+# The sections `--sweep SECTION` takes: the techniques whose record has sweep knobs.
+TECHNIQUES = tuple(t.section for t in _RECORDS if t.sweep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,44 +34,34 @@ class Setting:
     order: int = 0  # position on its knob, mildest first: a search stops a knob at its first failure
 
 
-def _kind(family: str) -> str:
-    return FAMILIES[family].kind
+def settings(family: str, section: str, calibrated=None) -> list[Setting]:
+    """The rows of one technique's knobs on ``family`` (its record's sweep knobs, `accel.config.sweep_rows`).
 
+    Args:
+        family: a key of `accel.families.FAMILIES`.
+        section: a technique in `TECHNIQUES`.
+        calibrated: values for a calibrated knob (the DiT cache thresholds `accel tune` reads off the
+            user's prompts) instead of its fixed grid.
 
-def token_base(family: str) -> dict:
-    """The family's token-reduction fields as its presets set them, with the size gate off."""
-    base = preset("balanced", family).tokens.to_dict()
-    return {"method": base["method"], "max_downsample": base["max_downsample"], "min_tokens": 0}
+    Returns:
+        The rows, mildest first on each knob; empty when no knob applies to the family.
+    """
+    return [Setting(*row) for row in sweep_rows(family, section, calibrated)]
 
 
 def cache_settings(family: str, thresholds=None) -> list[Setting]:
     """The cache knob for ``family``: DeepCache intervals (UNets) or block-cache thresholds and
     intervals (DiTs; ``thresholds`` replaces the fixed grid)."""
-    if _kind(family) == "unet":
-        return [Setting(f"cache deepcache interval {i}", Config.from_dict(
-            {"cache": {"method": "deepcache", "interval": i, "schedule": "uniform"}}), "cache", n)
-            for n, i in enumerate(CACHE_INTERVALS_UNET)]
-    out = [Setting(f"cache block threshold {t:g}", Config.from_dict(
-        {"cache": {"method": "block", "threshold": float(t), "warmup_steps": 2}}), "cache", n)
-        for n, t in enumerate(thresholds or CACHE_THRESHOLDS_DIT)]
-    return out + [Setting(f"cache block interval {i}", Config.from_dict(
-        {"cache": {"method": "block", "interval": i, "warmup_steps": 2}}), "cache:interval", n)
-        for n, i in enumerate(CACHE_INTERVALS_DIT)]
+    return settings(family, "cache", thresholds)
 
 
 def token_settings(family: str) -> list[Setting]:
-    base = token_base(family)
-    return [Setting(f"tokens {base['method']} {r:g}", Config.from_dict({"tokens": {**base, "ratio": r}}), "tokens", n)
-            for n, r in enumerate(TOKEN_RATIOS)]
+    return settings(family, "tokens")
 
 
-def attention_settings(family: str, patterns=SPARSE_PATTERNS) -> list[Setting]:
+def attention_settings(family: str) -> list[Setting]:
     """Sparse attention rows (video DiTs; other families get none)."""
-    if not FAMILIES[family].video or _kind(family) != "dit":
-        return []
-    return [Setting(f"attention {p} {d:g}", Config.from_dict(
-        {"attention": {"pattern": p, "density": d, "min_tokens": 0}}), f"attention:{p}", n)
-        for p in patterns for n, d in enumerate(DENSITIES)]
+    return settings(family, "attention")
 
 
 def preset_settings(family: str, names=("safe", "balanced", "fast")) -> list[Setting]:
@@ -89,7 +74,7 @@ def sweep(family: str, spec: str) -> list[Setting]:
     technique's sweep base when balanced leaves it off)."""
     spec = spec.strip()
     if spec in TECHNIQUES:
-        rows = {"cache": cache_settings, "tokens": token_settings, "attention": attention_settings}[spec](family)
+        rows = settings(family, spec)
         if not rows:
             raise ValueError(f"--sweep {spec}: the {family} family has no {spec} setting to sweep "
                              "(sparse attention is for video DiTs)")

@@ -19,14 +19,15 @@ import torch
 
 from ..config_base import ConfigError
 from ..families import Adapter, denoisers_of
+from ..loop import observe
 from ..patching import Ledger
+from ..roles import Role, set_role
 from . import runtime
 from .config import ParallelConfig
-from .context import Groups, LoopState, StepHook
+from .context import Groups, LoopState
 from .runtime import ParallelError
 
 _STATE_ATTR = "_accel_parallel"
-STEP_HOOK = "accel.parallel.steps"
 
 
 @dataclass
@@ -107,9 +108,17 @@ def parallelize(pipe, config: ParallelConfig | dict | None = None, *, replicas: 
     pipeline with the same arguments and the same seed; every rank gets the full output, rank 0
     writes it. Parallelizing again replaces the previous configuration.
 
-    ``replicas``: the world holds that many copies of the pipeline, each on ``config.world_size``
-    consecutive ranks with inputs of its own (data parallel x the strategies; ``accel batch
-    --parallel``); the ranks of one copy call the pipeline together, and its first rank writes.
+    Args:
+        pipe: a diffusers pipeline (or a bare denoiser, for the sequence and patch strategies).
+        config: an `accel.ParallelConfig` or a dict of its fields; None means the defaults.
+        replicas: the world holds that many copies of the pipeline, each on ``config.world_size``
+            consecutive ranks with inputs of its own (data parallel x the strategies; ``accel batch
+            --parallel``); the ranks of one copy call the pipeline together, and its first rank writes
+            (`accel.roles.writes_files` says which process that is, for the techniques that write).
+        overrides: fields replaced in ``config``.
+
+    Returns:
+        ``pipe``.
     """
     cfg = _as_config(config, overrides)
     unparallelize(pipe)
@@ -125,12 +134,16 @@ def parallelize(pipe, config: ParallelConfig | dict | None = None, *, replicas: 
     ledger = Ledger()
     handle = ParallelHandle(cfg, ledger, groups, {"strategies": strategies})
     try:
+        view = observe(pipe, ledger) if groups is not None else None
         for component, module in denoisers_of(pipe):
-            _parallelize_denoiser(pipe, Adapter(module, component), cfg, groups, ledger, handle, replicas)
+            _parallelize_denoiser(pipe, Adapter(module, component), cfg, groups, ledger, handle, replicas, view)
         if cfg.vae:
             from .vae import apply_vae
 
             apply_vae(ledger, pipe.vae, cfg, handle.stats, groups, replicas)
+        if view is not None:
+            view.attach()  # its hook outside ours, so every parallel hook reads this forward's step and branch
+            set_role(pipe, Role(writes_files=groups.local_rank == 0, decide=groups.decide), ledger)
     except BaseException:
         ledger.undo_all()
         raise
@@ -138,14 +151,15 @@ def parallelize(pipe, config: ParallelConfig | dict | None = None, *, replicas: 
     return pipe
 
 
-def _parallelize_denoiser(pipe, adapter: Adapter, cfg, groups, ledger, handle, replicas: int = 1) -> None:
+def _parallelize_denoiser(pipe, adapter: Adapter, cfg, groups, ledger, handle, replicas: int = 1,
+                          view=None) -> None:
     from . import attention
     from .sharding import PLANS, apply_plan
 
     module, fam = adapter.module, adapter.family
     if groups is None:
         return
-    state = LoopState()
+    state = LoopState(view, module)
     if cfg.sequence > 1 and _sequence_backend(cfg, module) == "diffusers":
         _diffusers_context_parallel(module, cfg, ledger, replicas)
     elif cfg.clip > 1:
@@ -184,8 +198,6 @@ def _parallelize_denoiser(pipe, adapter: Adapter, cfg, groups, ledger, handle, r
         hook = CFGParallelHook(pipe, groups, state)
         ledger.add_hook(module, hook, HOOK_NAME)  # outside the sharding: it slices the batch first
         handle.cfg_hooks.append(hook)
-    # Outermost, so every other parallel hook reads this forward's step and branch.
-    ledger.add_hook(module, StepHook(state), STEP_HOOK)
 
 
 def _diffusers_context_parallel(module, cfg: ParallelConfig, ledger: Ledger, replicas: int = 1) -> None:
@@ -222,7 +234,14 @@ def _diffusers_context_parallel(module, cfg: ParallelConfig, ledger: Ledger, rep
 
 
 def unparallelize(pipe):
-    """Undo `parallelize` (hooks, processors, the VAE's decode); a no-op if not parallelized."""
+    """Undo `parallelize` (hooks, processors, the VAE's decode); a no-op if not parallelized.
+
+    Args:
+        pipe: the pipeline (or denoiser) given to `parallelize`.
+
+    Returns:
+        ``pipe``, restored exactly.
+    """
     handle = pipe.__dict__.pop(_STATE_ATTR, None)
     if handle is not None:
         handle.ledger.undo_all()
@@ -235,10 +254,17 @@ def unparallelize(pipe):
 
 
 def is_parallelized(pipe) -> bool:
+    """Whether `parallelize` is on ``pipe``."""
     return _STATE_ATTR in pipe.__dict__
 
 
 def parallel_stats(pipe) -> dict:
+    """What the parallel strategies did on ``pipe``.
+
+    Returns:
+        ``{"parallel": False}`` when not parallelized; else the config, the strategies, and the bytes
+        communicated and time waited since `parallelize`.
+    """
     handle = pipe.__dict__.get(_STATE_ATTR)
     if handle is None:
         return {"parallel": False}

@@ -140,7 +140,7 @@ class DisplacedKV(ParallelProcessor):
         self.mode, self.warmup = mode, warmup
         self.stride = max(1, round(1 / fraction))
         self.stale: dict = {}  # call_in_step -> (work handle or None, list of per-rank (2,B,H,n,D))
-        state.listeners.append(self.stale.clear)
+        state.on_call_start(self.stale.clear)
 
     def _sync_step(self) -> bool:
         return self.mode == "sync" or self.state.step < self.warmup

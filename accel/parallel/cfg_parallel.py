@@ -70,7 +70,7 @@ class CFGParallelHook(ModelHook):
         self.bytes = 0
         self.gathers = 0
         self._reset()
-        state.listeners.append(self._reset)
+        state.on_call_start(self._reset)
 
     def _reset(self):
         self.two_calls = False  # learned at the first step of each pipeline call

@@ -2,23 +2,21 @@
 
 Ranks are laid out as ``rank = c * inner + i``: ``c`` is the CFG branch (0 = unconditional,
 1 = conditional), ``i`` the position along the token axis (a sequence shard or a row patch).
-The step counters come from the denoiser's own ``timestep`` argument (a new value is a new step,
-a larger value a new pipeline call) so they work without wrapping the scheduler, which
-`accel.apply` may wrap too.
+Where the loop is (the denoiser's step, the forward's index within the step, the CFG branch the
+pipeline named) comes from the loop observer (`accel.loop`), which every technique shares.
 """
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from diffusers.hooks import ModelHook
-from diffusers.hooks.hooks import StateManager
 
+from ..loop import LoopView
 from .config import ParallelConfig
-from .runtime import ParallelError, rank, world_size
+from .runtime import ParallelError, _guard, rank, world_size
 
 
 class Groups:
@@ -66,62 +64,67 @@ class Groups:
                 if self.rank in ranks:
                     self.replica_group = g
 
+    def decide(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` of this copy's first rank (the one that writes files), on every rank of the copy.
 
-class _ContextSpy(StateManager):
-    """Receives the pipeline's ``cache_context("cond"/"uncond")`` name through diffusers' hook machinery."""
+        The first rank sends its error instead when ``fn`` raises, so the others raise too rather than
+        wait for a result that never comes.
+        """
+        first = self.replica * self.size
+        error = None
+        box = [None]
+        if self.rank == first:
+            try:
+                box = [("ok", fn())]
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others are told
+                error, box = e, [("error", f"{type(e).__name__}: {e}")]
+        _guard(lambda: dist.broadcast_object_list(box, src=first, group=self.replica_group),
+               "broadcast of a decision")
+        if error is not None:
+            raise error
+        status, value = box[0]
+        if status == "error":
+            raise ParallelError(f"rank {self.rank}: rank {first} failed to take a decision for the group: {value}")
+        return value
 
-    def __init__(self):
-        self.name = None
 
-    def set_context(self, context):
-        self.name = getattr(context, "name", context)
-
-
-@dataclass
 class LoopState:
-    call: int = 0
-    step: int = -1
-    call_in_step: int = 0
-    timestep: float | None = None
-    branch: str | None = None  # the cache_context name of this forward, if the pipeline gave one
-    text_len: int = 0
-    real_len: int = 0  # tokens along the sharded axis before padding
-    pad_len: int = 0  # tokens along the sharded axis after padding (a multiple of the degree)
-    listeners: list = field(default_factory=list)
+    """What the parallel hooks of one denoiser read about the loop.
 
+    ``step`` (this denoiser's step within the call, 0-based), ``call_in_step`` (forwards already made
+    in this step) and ``branch`` ("cond"/"uncond" when the pipeline named the forward's branch, else
+    None) are the observer's; ``text_len`` is the forward's text length (``encoder_hidden_states``),
+    and ``real_len`` / ``pad_len`` the sharded axis's length before and after padding, set by the
+    sharding hooks. Without a view (the VAE's decode), the loop reads as step 0 of a plain call.
+    """
 
-class StepHook(ModelHook):
-    """Innermost parallel hook on the denoiser: keeps `LoopState` current."""
+    def __init__(self, view: LoopView | None = None, module: torch.nn.Module | None = None):
+        self.view = view
+        self.text_len = 0
+        self.real_len = 0  # tokens along the sharded axis before padding
+        self.pad_len = 0  # tokens along the sharded axis after padding (a multiple of the degree)
+        if view is not None:
+            def read_text(state, adapter, inputs):
+                if adapter.module is module:
+                    ehs = inputs.get("encoder_hidden_states")
+                    self.text_len = int(ehs.shape[1]) if isinstance(ehs, torch.Tensor) and ehs.ndim == 3 else 0
 
-    _is_stateful = True
+            view.on_forward(read_text)
 
-    def __init__(self, state: LoopState):
-        super().__init__()
-        self.state = state
-        self.spy = _ContextSpy()
+    @property
+    def step(self) -> int:
+        return self.view.state.component_step if self.view is not None else 0
 
-    def pre_forward(self, module, *args, **kwargs):
-        from ..families import bind_inputs
+    @property
+    def call_in_step(self) -> int:
+        return self.view.state.call_in_step if self.view is not None else 0
 
-        s = self.state
-        inputs = bind_inputs(module, args, kwargs)
-        t = inputs.get("timestep")
-        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) and t.numel() else (None if t is None else float(t))
-        if s.timestep is None or (t is not None and t > s.timestep) or s.call == 0:
-            s.call += 1
-            s.step, s.call_in_step = 0, 0
-            for fn in s.listeners:
-                fn()
-        elif t != s.timestep:
-            s.step += 1
-            s.call_in_step = 0
-        else:
-            s.call_in_step += 1
-        s.timestep = t
-        s.branch = self.spy.name
-        ehs = inputs.get("encoder_hidden_states")
-        s.text_len = int(ehs.shape[1]) if isinstance(ehs, torch.Tensor) and ehs.ndim == 3 else 0
-        return args, kwargs
+    @property
+    def branch(self) -> str | None:
+        branch = self.view.state.branch if self.view is not None else None
+        return branch if branch in ("cond", "uncond") else None
 
-    def reset_state(self, module):
-        return module
+    def on_call_start(self, fn: Callable[[], None]) -> None:
+        """``fn()`` at the start of each pipeline call's loop."""
+        if self.view is not None:
+            self.view.on_call_start(lambda _state: fn())

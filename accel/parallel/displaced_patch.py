@@ -39,7 +39,7 @@ class _Stale:
     def __init__(self, groups: Groups, state: LoopState, mode: str, warmup: int, stats: dict):
         self.groups, self.state, self.mode, self.warmup, self.stats = groups, state, mode, warmup, stats
         self.store: dict = {}
-        state.listeners.append(self.store.clear)
+        state.on_call_start(self.store.clear)
 
     def sync_step(self) -> bool:
         return self.mode == "sync" or self.state.step < self.warmup

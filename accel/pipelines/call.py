@@ -11,12 +11,10 @@ import inspect
 import numpy as np
 import torch
 
-from ..families import FAMILIES, denoisers_of
+from ..families import FAMILIES, Adapter, denoisers_of
 
 
 def family_name(pipe) -> str:
-    from ..families import Adapter
-
     return Adapter(denoisers_of(pipe)[0][1]).family.name
 
 

@@ -4,7 +4,7 @@ Built-in names: ``tiny-<name>`` for every tiny random-weight pipeline in `accel.
 (offline, for tests and demos), ``ref-<name>`` for the small reference models trained on
 procedural shapes that ship with the package (`accel.pipelines.ref`), and
 ``shape:<name>[:key=value,...]`` for random-weight pipelines at the released models' sizes
-(`accel.pipelines.shape`, for measuring speed). The device is CUDA when present, else CPU; the
+(`accel.pipelines.sized`, for measuring speed). The device is CUDA when present, else CPU; the
 dtype is bfloat16 on CUDA and float32 on CPU (half precision on CPU is slow and inaccurate).
 """
 
@@ -14,7 +14,11 @@ import contextlib
 import os
 from pathlib import Path
 
-# torch is imported where it is used: `accel --help` reads this module's defaults without it
+from . import ref, sized, tiny
+from .devices import ModelLoadError, default_device, default_dtype, parse_dtype
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_VIDEO_MODEL", "ModelLoadError", "builtin_models", "call_defaults", "default_device",
+           "default_dtype", "load", "parse_dtype", "quiet_loading"]
 
 # The trained reference model (64 px, shipped in the package): a real picture of what the prompt
 # asks for in the data's vocabulary ("a big red circle in the center on a white background").
@@ -24,46 +28,31 @@ DEFAULT_MODEL = "ref-sd"
 DEFAULT_VIDEO_MODEL = "ref-video"
 
 
-class ModelLoadError(RuntimeError):
-    """A model name or path could not be loaded; the message says what would work."""
-
-
 def builtin_models() -> dict[str, str]:
     """Built-in model name -> what it is."""
-    from . import ref, shape, tiny
-
     tinies = {f"tiny-{n}": f"tiny random-weight {cls} (offline)" for n, cls in tiny.describe().items()}
-    shapes = {f"{shape.PREFIX}{n}": what for n, what in shape.describe().items()}
+    shapes = {f"{sized.PREFIX}{n}": what for n, what in sized.describe().items()}
     return {**ref.shipped(), **tinies, **shapes}
 
 
-def default_device() -> str:
-    import torch
+def call_defaults(model: str) -> dict:
+    """A built-in model's call: a tiny model's fast defaults (few steps, small size), a reference model's
+    trained call, a shape model's released call; other models keep their pipeline's.
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    Args:
+        model: a model name as `load` takes it.
 
-
-def default_dtype(device: str):
-    import torch
-
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def parse_dtype(name, device: str):
-    """A torch dtype from a name (``bf16``, ``float32``, ... or ``auto``: bf16 on CUDA, fp32 elsewhere) or a dtype."""
-    import torch
-
-    if name is None or name == "auto":
-        return default_dtype(device)
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)} or auto")
-    return getattr(torch, _DTYPES[name])
+    Returns:
+        Keyword arguments for the pipeline call (no prompt, generator or output type).
+    """
+    if model.startswith("tiny-"):
+        d = tiny.example_inputs(model[len("tiny-"):])
+        return {k: v for k, v in d.items() if k not in ("prompt", "negative_prompt", "generator", "output_type")}
+    if model.startswith("ref-"):
+        return ref.call_defaults(model)
+    if model.startswith(sized.PREFIX):  # the released model's own call (size, steps, guidance)
+        return sized.call_defaults(sized.parse(model)[0])
+    return {}
 
 
 def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
@@ -71,25 +60,19 @@ def load(model: str, *, device: str | None = None, dtype=None, seed: int = 0):
     device = device or default_device()
     dtype = parse_dtype(dtype, device)
     if model.startswith("tiny-"):
-        from . import tiny
-
         name = model[len("tiny-"):]
         if name not in tiny.NAMES:
             raise ModelLoadError(f"unknown built-in model {model!r}; built-in models: {', '.join(builtin_models())}")
         with quiet_loading():
             pipe = tiny.make(name, seed=seed, dtype=dtype, device=device)
     elif model.startswith("shape:"):
-        from . import shape
-
         try:
-            name, overrides = shape.parse(model)
+            name, overrides = sized.parse(model)
             with quiet_loading():
-                pipe = shape.make(name, device=device, dtype=dtype, seed=seed, overrides=overrides)
+                pipe = sized.make(name, device=device, dtype=dtype, seed=seed, overrides=overrides)
         except ValueError as e:  # ours, or diffusers' for a config it cannot build
             raise ModelLoadError(f"{model!r}: {e}") from None
     elif model.startswith("ref-"):
-        from . import ref
-
         try:
             folder = ref.model_path(model)
         except ValueError as e:

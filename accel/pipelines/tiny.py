@@ -33,206 +33,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from . import parts
 
 if TYPE_CHECKING:  # torch is imported where it is used: `accel models` lists the built-in models without it
     import torch
 
 NAMES = ("sd15", "sdxl", "animatediff", "flux", "sd3", "pixart", "cogvideox", "wan", "wan22", "ltx", "hunyuanvideo")
-
-# Words outside this list still tokenize, just into more (character) tokens.
-_WORDS = """
-a an the of in on at with and by from to for under over near into is are
-photo photograph picture painting drawing sketch illustration portrait landscape close up view shot
-scene render art style cat cats dog dogs horse bird birds fish monkey squirrel fox wolf bear lion
-astronaut man woman girl boy person people child robot knight wizard car boat ship train plane
-house castle city street road bridge tower tree trees forest flower flowers garden grass field
-mountain mountains hill river lake ocean sea beach wave waves sky cloud clouds sun moon star stars
-space planet snow rain storm fire smoke water light lights shadow red blue green yellow white black
-orange purple pink golden silver gray big small tall old young beautiful cute happy sad dark bright
-colorful riding walking running sitting standing flying dancing eating playing swimming jumping
-reading holding looking night day sunset sunrise morning evening winter summer autumn spring
-high quality detailed realistic cinematic lighting soft sharp focus masterpiece professional studio
-dramatic vivid epic low bad blurry ugly worst deformed noisy grainy distorted text watermark
-video camera slow motion moving static pan zoom burger pizza apple coffee cake bread
-""".split()
-
-
-# ---------------------------------------------------------------------------
-# Tokenizers
-# ---------------------------------------------------------------------------
-
-
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    while len(symbols) > 1:
-        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(itertools.pairwise(symbols)))
-        if rank == math.inf:
-            break
-        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
-    return symbols
-
-
-def _word_merges(prefix: str = "", suffix: str = "") -> tuple[list[str], list[tuple[str, str]]]:
-    """BPE tokens and merges under which every word of ``_WORDS`` is one token.
-
-    Each word is segmented with the merges so far and only the missing merges
-    are appended. Appended merges rank below all earlier ones, so words that
-    already collapse to a single token keep doing so.
-    """
-    ranks: dict[tuple[str, str], int] = {}
-    tokens = []
-    for word in sorted(set(_WORDS), key=lambda w: (-len(w), w)):
-        symbols = list(prefix + word)
-        symbols[-1] += suffix
-        pieces = _bpe(symbols, ranks)
-        for piece in pieces[1:]:
-            ranks[(pieces[0], piece)] = len(ranks)
-            pieces[0] += piece
-            tokens.append(pieces[0])
-    return tokens, list(ranks)
-
-
-def _vocab(tokens) -> dict[str, int]:
-    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-
-
-def _clip_tokenizer():
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    chars = sorted(ByteLevel.alphabet())
-    words, merges = _word_merges(suffix="</w>")
-    # bos=0, eos=1: CLIPTextModel pools at the first eos_token_id, except when
-    # eos_token_id == 2, where it falls back to the legacy argmax over ids.
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    vocab = _vocab([*specials, *chars, *(c + "</w>" for c in chars), *words])
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def _t5_tokenizer():
-    from transformers import T5Tokenizer
-
-    # Unigram picks the best-scoring segmentation: a whole word (-1) beats
-    # spelling it out from characters (-5 each).
-    chars = [chr(c) for c in range(33, 127)]
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -5.0) for c in chars] + [("\u2581" + c, -5.0) for c in chars]
-    pieces += [("\u2581" + w, -1.0) for w in _WORDS if len(w) > 1]  # "\u2581a" is already a character piece
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
-def _llama_tokenizer():
-    from transformers import LlamaTokenizer
-
-    words, merges = _word_merges(prefix="\u2581")
-    bytes_ = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback for unseen characters
-    chars = ["\u2581", *(chr(c) for c in range(33, 127))]
-    vocab = _vocab(["<unk>", "<s>", "</s>", "<pad>", *bytes_, *chars, *words])
-    return LlamaTokenizer(vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right", model_max_length=2048)
-
-
-# ---------------------------------------------------------------------------
-# Text encoders: 2 layers, 2 heads, vocabulary matching the tokenizer.
-# ---------------------------------------------------------------------------
-
-
-def _special_ids(tok) -> dict[str, int]:
-    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-
-
-def _clip_text(tok, projection: bool = False, hidden: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tok.model_max_length,
-        **_special_ids(tok),
-    )  # fmt: skip
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
-def _t5_text(tok, umt5: bool = False, d_model: int = 32, d_kv: int | None = None, d_ff: int | None = None):
-    """``d_kv``/``d_ff`` (default ``d_model // 2`` and ``2 * d_model``) set the cost: a wide output
-    (``d_model``) can have narrow attention and feed-forward layers."""
-    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
-
-    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
-    config = config_cls(
-        vocab_size=len(tok), d_model=d_model, d_kv=d_kv or d_model // 2, d_ff=d_ff or 2 * d_model, num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    return model_cls(config)
-
-
-def _llama_text(tok, hidden: int = 32):
-    from transformers import LlamaConfig, LlamaModel
-
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=tok.model_max_length,
-        **_special_ids(tok),
-    )  # fmt: skip
-    return LlamaModel(config)
-
-
-# ---------------------------------------------------------------------------
-# Shared image components
-# ---------------------------------------------------------------------------
-
-
-def _image_vae(seeded, latent_channels: int, block_out_channels: tuple[int, ...] = (32, 64), **kwargs):
-    """One block per entry of ``block_out_channels``: the pipelines' spatial compression is
-    ``2 ** (len(block_out_channels) - 1)`` (the released VAEs: 4 blocks, 8x)."""
-    from diffusers import AutoencoderKL
-
-    blocks = len(block_out_channels)
-    return seeded(
-        AutoencoderKL, down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-        block_out_channels=block_out_channels, layers_per_block=1, latent_channels=latent_channels, sample_size=32,
-        **kwargs,
-    )  # fmt: skip
-
-
-def _flow_vae(seeded, shift_factor: float, scaling_factor: float, **kwargs):
-    """The 16-channel VAE of Flux / SD3 (no quant convs, shifted latents)."""
-    return _image_vae(
-        seeded, 16, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=shift_factor, scaling_factor=scaling_factor, **kwargs,
-    )  # fmt: skip
-
-
-def _sd_unet(seeded):
-    from diffusers import UNet2DConditionModel
-
-    # SD 1.5 ordering: cross-attention at high resolution, plain blocks at the
-    # lowest. ``attention_head_dim`` is really the head count in this class.
-    return seeded(
-        UNet2DConditionModel, sample_size=16, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
-        attention_head_dim=2, cross_attention_dim=32,
-    )  # fmt: skip
-
-
-def _sd_scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-
-
-def _sdxl_scheduler():
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-
 
 # ---------------------------------------------------------------------------
 # Pipeline builders: ``seeded(fn, ...)`` reseeds torch, then calls fn(...).
@@ -253,10 +63,10 @@ def _family(name: str, pipeline_class: str):
 def _sd15(seeded):
     from diffusers import StableDiffusionPipeline
 
-    tok = _clip_tokenizer()
+    tok = parts.clip_tokenizer()
     return StableDiffusionPipeline(
-        vae=_image_vae(seeded, 4), text_encoder=seeded(_clip_text, tok), tokenizer=tok, unet=_sd_unet(seeded),
-        scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=parts.image_vae(seeded, 4), text_encoder=seeded(parts.clip_text, tok), tokenizer=tok, unet=parts.sd_unet(seeded),
+        scheduler=parts.sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
 
 
@@ -264,7 +74,7 @@ def _sd15(seeded):
 def _sdxl(seeded):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    tok, tok_2 = _clip_tokenizer(), _clip_tokenizer()
+    tok, tok_2 = parts.clip_tokenizer(), parts.clip_tokenizer()
     unet = seeded(
         UNet2DConditionModel, sample_size=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
@@ -274,9 +84,9 @@ def _sdxl(seeded):
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop ids + pooled CLIP-G projection
     )  # fmt: skip
     return StableDiffusionXLPipeline(
-        vae=_image_vae(seeded, 4), text_encoder=seeded(_clip_text, tok),
-        text_encoder_2=seeded(_clip_text, tok_2, projection=True), tokenizer=tok, tokenizer_2=tok_2, unet=unet,
-        scheduler=_sdxl_scheduler(),
+        vae=parts.image_vae(seeded, 4), text_encoder=seeded(parts.clip_text, tok),
+        text_encoder_2=seeded(parts.clip_text, tok_2, projection=True), tokenizer=tok, tokenizer_2=tok_2, unet=unet,
+        scheduler=parts.sdxl_scheduler(),
         add_watermarker=False,  # needs the invisible-watermark package
     )  # fmt: skip
 
@@ -285,7 +95,7 @@ def _sdxl(seeded):
 def _animatediff(seeded):
     from diffusers import AnimateDiffPipeline, MotionAdapter
 
-    tok = _clip_tokenizer()
+    tok = parts.clip_tokenizer()
     adapter = seeded(
         MotionAdapter, block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
     )  # fmt: skip
@@ -293,8 +103,8 @@ def _animatediff(seeded):
     # .to(dtype), which makes diffusers warn about (no) fp32 modules.
     with _quiet("diffusers.models.modeling_utils"):
         return seeded(
-            AnimateDiffPipeline, vae=_image_vae(seeded, 4), text_encoder=seeded(_clip_text, tok), tokenizer=tok,
-            unet=_sd_unet(seeded), motion_adapter=adapter, scheduler=_sd_scheduler(),
+            AnimateDiffPipeline, vae=parts.image_vae(seeded, 4), text_encoder=seeded(parts.clip_text, tok), tokenizer=tok,
+            unet=parts.sd_unet(seeded), motion_adapter=adapter, scheduler=parts.sd_scheduler(),
         )  # fmt: skip
 
 
@@ -302,7 +112,7 @@ def _animatediff(seeded):
 def _flux(seeded):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    tok, tok_2 = _clip_tokenizer(), _t5_tokenizer()
+    tok, tok_2 = parts.clip_tokenizer(), parts.t5_tokenizer()
     transformer = seeded(
         FluxTransformer2DModel, patch_size=1, in_channels=64,  # 16 latent channels packed 2x2
         num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -310,9 +120,9 @@ def _flux(seeded):
     )  # fmt: skip
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
-        vae=_flow_vae(seeded, shift_factor=0.1159, scaling_factor=0.3611),
-        text_encoder=seeded(_clip_text, tok), tokenizer=tok,
-        text_encoder_2=seeded(_t5_text, tok_2), tokenizer_2=tok_2, transformer=transformer,
+        vae=parts.flow_vae(seeded, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=seeded(parts.clip_text, tok), tokenizer=tok,
+        text_encoder_2=seeded(parts.t5_text, tok_2), tokenizer_2=tok_2, transformer=transformer,
     )  # fmt: skip
 
 
@@ -320,7 +130,7 @@ def _flux(seeded):
 def _sd3(seeded):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    tok, tok_2, tok_3 = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
+    tok, tok_2, tok_3 = parts.clip_tokenizer(), parts.clip_tokenizer(), parts.t5_tokenizer()
     # The two CLIP hidden states (32 + 32) are zero-padded to the T5 width, so
     # T5 is the wider one, as in the released model (2048 vs 4096).
     transformer = seeded(
@@ -330,10 +140,10 @@ def _sd3(seeded):
     )  # fmt: skip
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_flow_vae(seeded, shift_factor=0.0609, scaling_factor=1.5305),
-        text_encoder=seeded(_clip_text, tok, projection=True), tokenizer=tok,
-        text_encoder_2=seeded(_clip_text, tok_2, projection=True), tokenizer_2=tok_2,
-        text_encoder_3=seeded(_t5_text, tok_3, d_model=64), tokenizer_3=tok_3,
+        vae=parts.flow_vae(seeded, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=seeded(parts.clip_text, tok, projection=True), tokenizer=tok,
+        text_encoder_2=seeded(parts.clip_text, tok_2, projection=True), tokenizer_2=tok_2,
+        text_encoder_3=seeded(parts.t5_text, tok_3, d_model=64), tokenizer_3=tok_3,
     )  # fmt: skip
 
 
@@ -341,7 +151,7 @@ def _sd3(seeded):
 def _pixart(seeded):
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
-    tok = _t5_tokenizer()
+    tok = parts.t5_tokenizer()
     transformer = seeded(
         PixArtTransformer2DModel, sample_size=16, num_layers=2, patch_size=2, attention_head_dim=16,
         num_attention_heads=2, in_channels=4, out_channels=8,  # learned sigma; the pipeline keeps half
@@ -350,7 +160,7 @@ def _pixart(seeded):
         use_additional_conditions=False,
     )  # fmt: skip
     return PixArtSigmaPipeline(
-        tokenizer=tok, text_encoder=seeded(_t5_text, tok), vae=_image_vae(seeded, 4), transformer=transformer,
+        tokenizer=tok, text_encoder=seeded(parts.t5_text, tok), vae=parts.image_vae(seeded, 4), transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
     )  # fmt: skip
 
@@ -364,7 +174,7 @@ def _cogvideox(seeded):
         CogVideoXTransformer3DModel,
     )
 
-    tok = _t5_tokenizer()
+    tok = parts.t5_tokenizer()
     vae = seeded(
         AutoencoderKLCogVideoX, down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=16,
@@ -380,18 +190,8 @@ def _cogvideox(seeded):
         timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
     )  # fmt: skip
     return CogVideoXPipeline(
-        tokenizer=tok, text_encoder=seeded(_t5_text, tok), vae=vae, transformer=transformer, scheduler=scheduler
+        tokenizer=tok, text_encoder=seeded(parts.t5_text, tok), vae=vae, transformer=transformer, scheduler=scheduler
     )
-
-
-def _wan_vae(seeded):
-    """The released Wan 2.1 VAE's compression (16 channels, 8x spatial, 4x temporal) at width 8."""
-    from diffusers import AutoencoderKLWan
-
-    return seeded(
-        AutoencoderKLWan, base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    )  # fmt: skip
 
 
 @_family("wan", "WanPipeline")
@@ -405,9 +205,9 @@ def _wan(seeded, two_experts: bool = False):
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         )  # fmt: skip
 
-    tok = _t5_tokenizer()
+    tok = parts.t5_tokenizer()
     return WanPipeline(
-        tokenizer=tok, text_encoder=seeded(_t5_text, tok, umt5=True), vae=_wan_vae(seeded),
+        tokenizer=tok, text_encoder=seeded(parts.t5_text, tok, umt5=True), vae=parts.wan_vae(seeded),
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
         transformer=transformer(seeded),
         # Wan 2.2 A14B: a high-noise and a low-noise expert, switched at
@@ -430,7 +230,7 @@ def _ltx(seeded):
         LTXVideoTransformer3DModel,
     )
 
-    tok = _t5_tokenizer()
+    tok = parts.t5_tokenizer()
     # 8x spatial / 8x temporal compression (the released VAE: 32x / 8x), so
     # num_frames keeps the 8k+1 rule.
     vae = seeded(
@@ -443,7 +243,7 @@ def _ltx(seeded):
         cross_attention_dim=32, num_layers=2, caption_channels=32,
     )  # fmt: skip
     return LTXPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=seeded(_t5_text, tok), tokenizer=tok,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=seeded(parts.t5_text, tok), tokenizer=tok,
         transformer=transformer,
     )  # fmt: skip
 
@@ -457,7 +257,7 @@ def _hunyuanvideo(seeded):
         HunyuanVideoTransformer3DModel,
     )
 
-    tok, tok_2 = _llama_tokenizer(), _clip_tokenizer()
+    tok, tok_2 = parts.llama_tokenizer(), parts.clip_tokenizer()
     vae = seeded(
         AutoencoderKLHunyuanVideo, latent_channels=16, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
         up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8,) * 4, layers_per_block=1,
@@ -469,9 +269,9 @@ def _hunyuanvideo(seeded):
         guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6),
     )  # fmt: skip
     return HunyuanVideoPipeline(
-        text_encoder=seeded(_llama_text, tok), tokenizer=tok, transformer=transformer, vae=vae,
+        text_encoder=seeded(parts.llama_text, tok), tokenizer=tok, transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        text_encoder_2=seeded(_clip_text, tok_2), tokenizer_2=tok_2,
+        text_encoder_2=seeded(parts.clip_text, tok_2), tokenizer_2=tok_2,
     )  # fmt: skip
 
 

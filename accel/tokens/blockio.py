@@ -72,10 +72,6 @@ def _rope_dims(t):
     return range(t.ndim - 1)  # the last dimension is the rotary feature dimension
 
 
-def _mask_dims(t):
-    return (t.ndim - 1, t.ndim - 2) if t.ndim >= 2 else (0,)
-
-
 def reduce_inputs(args: BlockArgs, positions: torch.Tensor, n: int, text_len: int, text_position, reduce_tokens):
     """Replace the image tokens with ``reduce_tokens(hidden_states)`` and shrink what follows them."""
     x = args.get("hidden_states")

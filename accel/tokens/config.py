@@ -84,7 +84,7 @@ class TokenConfig(ConfigBase):
 
 # From benchmarks/bench_tokens.py, BENCHMARKS.md "## Token merging" (2-core CPU, heavily shared:
 # speed-ups are +-15%; random weights with sharpened attention; PSNR of the denoiser's total
-# update against the baseline's). Rule, per family group, over the rows of that table (UNets:
+# update against the baseline's). Rule (`accel.presets`), per family group, over the rows of that table (UNets:
 # the 1024 px table, where merging pays; DiTs: the 4096-token Wan-shaped table):
 #   safe     = the highest-PSNR row that is at least 1.2x faster,
 #   balanced = the fastest row at PSNR >= 35 dB,

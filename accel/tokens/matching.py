@@ -53,12 +53,6 @@ class Merge:
         idx = self.slot.reshape(*self.slot.shape, *([1] * (y.ndim - 2))).expand(-1, -1, *y.shape[2:])
         return y.gather(1, idx)
 
-    def select_positions(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """Reduce a per-position table (rotary cos/sin, mask columns) to the representatives."""
-        if not self.shared:
-            raise ValueError("per-sample merges have no single position table; build the merge shared")
-        return t.index_select(dim, self.keep[0].to(t.device))
-
 
 class Windows:
     """Window ids of a (F, H, W) token grid for windows of (st, sy, sx); edge windows are smaller.

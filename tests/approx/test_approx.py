@@ -218,7 +218,7 @@ def test_config_checks_name_the_field():
 
 
 def test_calibration_measures_pairs_and_the_table_follows_the_judge(tiny_cache):
-    from accel.approx.calibrate import measure, table
+    from accel.eval.approx_policy import measure, table
 
     pipe = tiny_cache("flux")
     kw = {k: v for k, v in tiny.example_inputs("flux").items() if k not in ("prompt", "generator", "output_type")}

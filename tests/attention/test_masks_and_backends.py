@@ -143,7 +143,7 @@ def test_gather_backend_matches_masked_dense(kind, grid, text):
     else:
         m = static_mask(lay, kind, 0.25, 1, 0.5)
     ref = run("sdpa", q, k, v, m, 0.25)
-    out = backends._gather(q, k, v, m, 0.25, chunk_floats=4096)  # small chunks: several loop iterations
+    out = backends.get("gather").run(q, k, v, m, 0.25, chunk_floats=4096)  # small chunks: several loop iterations
     valid = lay.valid
     assert (out[:, :, valid] - ref[:, :, valid]).abs().max() < 1e-5
     assert m.video_density() < 0.6

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import accel
-from accel.app import cli
+from accel import cli
 from accel.eval import bench, peers
 from accel.pipelines import tiny
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import accel
-from accel.app import cli
-from accel.eval import bench, shapes, tune
+from accel import cli
+from accel.eval import bench, tune
 from accel.pipelines import tiny
 from accel.pipelines.load import load
+from accel.pipelines.ref import data as shapes
 
 
 def _prompt_file(tmp_path, n: int, seed: int):

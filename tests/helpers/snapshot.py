@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from accel.pipelines.call import to_frames
 from accel.pipelines import tiny
+from accel.pipelines.call import to_frames
 
 
 def state_of(pipe) -> dict:

@@ -7,7 +7,6 @@ strategies runs inside one group, and each test asserts on its recorded numbers.
 from __future__ import annotations
 
 import functools
-
 import json
 import sys
 

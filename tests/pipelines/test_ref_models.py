@@ -5,22 +5,23 @@ import numpy as np
 import pytest
 import torch
 
-from accel.eval import checker, shapes
 from accel.pipelines import ref
 from accel.pipelines.load import ModelLoadError, builtin_models, load
+from accel.pipelines.ref import checker
+from accel.pipelines.ref import data as shapes
 
 # Floors for the few-step CI runs below (the trained figures, on more prompts and steps, are in
 # BENCHMARKS.md "Reference models"); they sit well above chance (1/7 colours, 1/5 shapes, 1/4
 # directions), so an untrained or broken model fails them.
 # As shipped, on this 8-prompt, 10-step call (each model's own guidance): ref-sd 1.00 colour / 1.00
 # shape, ref-dit 0.88 / 1.00 (0.88 / 0.95 and 0.88 / 0.88 on the 60-prompt, 20-step evaluation).
-# Floors sit below that, well above chance, so a broken or untrained model fails them (earlier
-# models trained 2500 steps each scored 0.48 and 0.47 shape on the 60 prompts).
+# Floors sit below that, well above chance, so a broken or untrained model fails them (a model trained
+# 2500 steps scores 0.48 shape on the 60 prompts).
 IMAGE_FLOOR = {"ref-sd": {"colour": 0.6, "shape": 0.6}, "ref-dit": {"colour": 0.6, "shape": 0.6}}
-# ref-video as shipped (v4): 0.93 direction / 0.90 colour / 0.30 shape on 40 held-out prompts
+# ref-video as shipped: 0.93 direction / 0.90 colour / 0.30 shape on 40 held-out prompts
 # (20 steps); on this 8-prompt call at 20 steps 0.88 direction / 0.88 colour (at 10 steps direction
-# drops, so this call uses 20). Floors: direction 0.6 (chance 0.25), colour 0.6 (chance 0.14); v3,
-# before the autoencoder's foreground-weighted loss, scored 0.75 / 0.38 here and would fail colour.
+# drops, so this call uses 20). Floors: direction 0.6 (chance 0.25), colour 0.6 (chance 0.14); a model
+# whose autoencoder lacks the foreground-weighted loss scores 0.75 / 0.38 here and fails colour.
 VIDEO_FLOOR = {"direction": 0.6, "colour": 0.6}
 
 SHIPPED = sorted(ref.shipped())
@@ -57,7 +58,7 @@ def _video_call(pipe, prompts, seed=0, steps=10):
 @pytest.fixture(scope="module")
 def micro_models(tmp_path_factory):
     """Each training script, run end to end at a few steps: the pipelines it saves (untrained)."""
-    from accel.pipelines.ref import train_dit, train_sd, train_video
+    from training import train_dit, train_sd, train_video
 
     root = tmp_path_factory.mktemp("ref_models")
     train_sd.main(["--vae-steps", "2", "--unet-steps", "2", "--batch", "4", "--vae-batch", "2", "--pool", "8",
@@ -78,7 +79,7 @@ def test_training_scripts_save_pipelines_loadable_by_name_and_by_path(micro_mode
         record = json.loads((micro_models / name / "training.json").read_text())
         assert record["seed"] == 0 and "held_out" in record
         # the command that made the weights, as run (a two-stage ref-video: the one outer command)
-        assert record["command"].startswith("python -m accel.pipelines.ref.train_")
+        assert record["command"].startswith("python -m training.train_")
         assert f"--out {micro_models / name}" in record["command"]
         by_name, by_path = load(name, device="cpu"), load(str(micro_models / name), device="cpu")
         assert type(by_name).__name__ == type(by_path).__name__ == cls
@@ -108,7 +109,7 @@ def test_unknown_or_missing_reference_model_says_what_to_do(tmp_path, monkeypatc
     with pytest.raises(ModelLoadError, match="unknown reference model 'ref-nope'.*ref-sd"):
         load("ref-nope", device="cpu")
     monkeypatch.setattr(ref, "MODELS_DIR", tmp_path)
-    with pytest.raises(ModelLoadError, match="train it with `python -m accel.pipelines.ref.train_sd`"):
+    with pytest.raises(ModelLoadError, match="train it with `python -m training.train_sd`"):
         load("ref-sd", device="cpu")
 
 
@@ -144,7 +145,6 @@ def test_image_reference_models_draw_the_asked_colour_and_shape(name, ref_cache)
 
 @pytest.mark.skipif("ref-video" not in SHIPPED, reason="ref-video is not trained in this checkout")
 def test_ref_video_same_seed_same_clip_and_moves_as_asked(ref_cache):
-    from accel.pipelines.ref import train_video
 
     pipe = ref_cache("ref-video")
     clips = shapes.held_out_clips(8)
@@ -152,5 +152,5 @@ def test_ref_video_same_seed_same_clip_and_moves_as_asked(ref_cache):
     assert videos.shape == (8, 17, 32, 32, 3)
     one = [clips[0].prompt]
     np.testing.assert_array_equal(_video_call(pipe, one, steps=4), _video_call(pipe, one, steps=4))
-    score = train_video.score(list(videos), clips)  # direction, and colour / shape of the middle frame
+    score = checker.score_videos(list(videos), clips)  # direction, and colour / shape of the middle frame
     assert score["direction"] >= VIDEO_FLOOR["direction"] and score["colour"] >= VIDEO_FLOOR["colour"], score

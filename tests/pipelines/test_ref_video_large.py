@@ -8,8 +8,8 @@ import torch
 
 from accel.pipelines import ref
 from accel.pipelines.load import ModelLoadError, load
-from accel.pipelines.ref import judge_video as J
-from accel.pipelines.ref import train_video_large as L
+from training import judge_video as J
+from training import train_video_large as L
 
 NAME = "ref-video-large"
 
@@ -28,7 +28,7 @@ def test_micro_run_saves_sharded_weights_that_load_by_path_and_by_name(micro, mo
     assert all(f.stat().st_size <= 0.06e6 for f in files), [(f.name, f.stat().st_size) for f in files]
     assert len(list((micro / "transformer").glob("*.safetensors"))) >= 2  # the size limit made it shard
     assert record["weights"]["total_mb"] == pytest.approx(sum(f.stat().st_size for f in files) / 1e6, abs=1e-3)
-    assert record["command"] == f"python -m accel.pipelines.ref.train_video_large --micro --out {micro}"
+    assert record["command"] == f"python -m training.train_video_large --micro --out {micro}"
     assert set(record["held_out"]) >= {"direction", "colour", "shape"} and record["steps"] == 3
     pipe = load(str(micro), device="cpu")
     assert type(pipe).__name__ == "WanPipeline"
@@ -46,7 +46,7 @@ def test_micro_run_saves_sharded_weights_that_load_by_path_and_by_name(micro, mo
 
 
 def test_full_design_has_enough_tokens_and_fits_30_mb():
-    from accel.pipelines.ref import components as C
+    from training import components as C
 
     assert ref.call_defaults(NAME) == L.FULL.call and NAME in ref.MODELS
     assert L.FULL.tokens >= 8192  # 9 latent frames x 32 x 32
@@ -137,13 +137,13 @@ def test_derive_stacks_the_per_technique_picks_and_settles_on_the_measured_stack
 def test_named_model_without_weights_says_how_to_train_it():
     if NAME in ref.shipped():
         pytest.skip(f"{NAME} is trained in this checkout")
-    how = "train it with `python -m accel.pipelines.ref.train_video_large`"
+    how = "train it with `python -m training.train_video_large`"
     with pytest.raises(ModelLoadError, match=f"{NAME}.*{how}"):
         load(NAME, device="cpu")
 
 
 def test_a_budgeted_fit_fixes_its_steps_after_a_timed_probe_and_that_many_steps_repeat_it():
-    from accel.pipelines.ref import components as C
+    from training import components as C
 
     def run(steps, seconds):
         torch.manual_seed(0)

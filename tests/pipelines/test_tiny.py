@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from accel.pipelines import tiny
+from accel.pipelines import parts, tiny
 
 VIDEO = {"animatediff", "cogvideox", "wan", "wan22", "ltx", "hunyuanvideo"}
 
@@ -115,10 +115,10 @@ def test_dtype_keeps_declared_fp32_modules():
     assert np.isfinite(run(pipe, "wan", num_inference_steps=1)).all()
 
 
-@pytest.mark.parametrize("build", [tiny._clip_tokenizer, tiny._t5_tokenizer, tiny._llama_tokenizer])
+@pytest.mark.parametrize("build", [parts.clip_tokenizer, parts.t5_tokenizer, parts.llama_tokenizer])
 def test_tokenizers_keep_vocabulary_words_whole(build):
     tok = build()
-    split = [w for w in tiny._WORDS if len(tok(w, add_special_tokens=False).input_ids) != 1]
+    split = [w for w in parts.WORDS if len(tok(w, add_special_tokens=False).input_ids) != 1]
     assert not split
     # Unknown words still encode (character/byte fallback) and round-trip.
     ids = tok("zebra", add_special_tokens=False).input_ids

@@ -1,8 +1,8 @@
-"""Reference models: small real diffusers pipelines trained offline on `accel.eval.shapes` data.
+"""Reference models: small real diffusers pipelines trained offline on `accel.pipelines.ref.data` data.
 
-``python -m accel.pipelines.ref.train_sd`` (``train_dit``, ``train_video``, ``train_video_large``)
+``python -m training.train_sd`` (``train_dit``, ``train_video``, ``train_video_large``)
 trains ``ref-sd`` (``ref-dit``, ``ref-video``, ``ref-video-large``) from a seed and saves it with
-``save_pretrained`` (safetensors) under ``accel/pipelines/ref_models/<name>/``, which ships with the
+``save_pretrained`` (safetensors) under ``accel/pipelines/ref/weights/<name>/``, which ships with the
 package; `accel.pipelines.load` finds it by name (``load("ref-sd")``, ``--model ref-sd``) or by path.
 """
 
@@ -10,27 +10,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "ref_models"
+MODELS_DIR = Path(__file__).resolve().parent / "weights"
 
 # name -> (what it is, the command that trains it)
 MODELS: dict[str, tuple[str, str]] = {
     "ref-sd": ("StableDiffusionPipeline, 64 px, trained on procedural shapes (offline)",
-               "python -m accel.pipelines.ref.train_sd"),
+               "python -m training.train_sd"),
     "ref-dit": ("FluxPipeline (MMDiT), 64 px, trained on procedural shapes (offline)",
-                "python -m accel.pipelines.ref.train_dit"),
+                "python -m training.train_dit"),
     "ref-video": ("WanPipeline, 17 frames of 32 px, trained on moving procedural shapes (offline)",
-                  "python -m accel.pipelines.ref.train_video"),
+                  "python -m training.train_video"),
     # 9,216 video tokens a call (9 x 32 x 32, patch 1): sized where token reduction and sparse attention
     # engage; trained in one 9-minute run on one H100/H200 (scripts/gpu_train_video_large.sh)
     "ref-video-large": ("WanPipeline, 17 frames of 64 px, 9,216 video tokens a call, trained on moving "
-                        "procedural shapes on a GPU (offline)", "python -m accel.pipelines.ref.train_video_large"),
+                        "procedural shapes on a GPU (offline)", "python -m training.train_video_large"),
 }
 
 # The call each model was trained and measured for (the pipelines' own defaults are sized for the
 # released checkpoints: Wan would render 81 frames of 480x832).
 _CALL_DEFAULTS: dict[str, dict] = {
     # guidance 2.0: on 60 held-out prompts (20 steps) 0.88 colour / 0.95 shape (1.5: 0.90 / 0.93; 3.0:
-    # 0.85 / 0.93); the 2500-step model lost its outlines under strong guidance (5.0: 0.85 / 0.37)
+    # 0.85 / 0.93); docs/reference-models.md has the measurements
     "ref-sd": {"num_inference_steps": 25, "guidance_scale": 2.0, "height": 64, "width": 64},
     # FluxPipeline's true classifier-free guidance (the model has no distilled guidance embedding).
     "ref-dit": {"num_inference_steps": 20, "true_cfg_scale": 5.0, "negative_prompt": "", "height": 64, "width": 64,

@@ -1,1 +1,0 @@
-"""The ways in: command line, batch driver, web app."""

@@ -1,0 +1,516 @@
+"""The web app end to end through gradio_client: generate, compare, limits, bad input, stop, files.
+
+Each server binds 127.0.0.1 on a free port, serves a tiny random-weight pipeline, and is closed by
+its fixture. Requests use the API's named parameters (``prompt=...``, ``preset=...``, knobs as
+``cache_interval=...``); a knob left out keeps the preset's value.
+"""
+
+import asyncio
+import dataclasses
+import importlib
+import json
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the web app needs gradio: pip install 'diffusers-accel[app]'")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import accel  # noqa: E402
+from accel.config_base import ConfigBase, spec  # noqa: E402
+from accel.web import controls as web_controls  # noqa: E402
+from accel.web.limits import Limits  # noqa: E402
+from accel.web.page import build_app, serve  # noqa: E402
+
+LIMITS = Limits(max_width=64, max_height=64, max_steps=400, max_frames=9, max_batch=2, max_queue=4)
+
+
+class Server:
+    def __init__(self, demo):
+        self.demo, self.engine = demo, demo.accel_engine
+        self.url = serve(demo, port=None, block=False, quiet=True)
+        self.client = Client(self.url, verbose=False)
+
+    @staticmethod
+    def params(**changes) -> dict:
+        """API parameters: knobs may be written as their config keys ("cache.interval")."""
+        return {k.replace(".", "_"): v for k, v in changes.items()}
+
+    def call(self, api="/generate", **changes):
+        keys = ("seed", "baseline", "result", "summary", "metrics", "stats", "files", "history")
+        return dict(zip(keys, self.client.predict(api_name=api, **self.params(**changes))[:len(keys)], strict=True))
+
+    def close(self):
+        self.client.close()
+        self.demo.close()
+
+
+@pytest.fixture(scope="module")
+def image_app(tmp_path_factory, tiny_cache):
+    yield from _serving(tiny_cache("sd15"), "tiny-sd15", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def video_app(tmp_path_factory, tiny_cache):
+    yield from _serving(tiny_cache("wan"), "tiny-wan", tmp_path_factory)
+
+
+def _serving(pipe, name, tmp_path_factory):
+    srv = Server(build_app(pipe, name, limits=LIMITS, out_dir=tmp_path_factory.mktemp(name)))
+    try:
+        yield srv
+    finally:
+        srv.close()
+        accel.remove(pipe)  # the session's shared pipeline goes back as it came
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _sidecar_of(out_dir: Path, name: str) -> dict:
+    return json.loads((out_dir / (name + ".json")).read_text())
+
+
+def test_generate_image_writes_output_sidecar_and_history(image_app):
+    r = image_app.call(prompt="a red cat", steps=2, seed=5)
+    assert r["seed"] == 5 and not r["baseline"]
+    (item,) = r["result"]
+    assert _pixels(item["image"]).shape == (32, 32, 3)
+    assert r["stats"]["applied"] and r["stats"]["steps"] == 2 and r["stats"]["family"] == "sd15"
+    assert "2 steps" in r["summary"]
+    # Downloads: the output and its sidecar, which records what made it.
+    names = sorted(Path(f).name for f in r["files"])
+    assert len(names) == 2 and names[1] == names[0] + ".json"
+    side = _sidecar_of(image_app.engine.out_dir, names[0])
+    assert side["prompt"] == "a red cat" and side["seed"] == 5 and side["model"] == "tiny-sd15"
+    assert side["mode"] == "generate" and side["call"]["num_inference_steps"] == 2
+    # no preset named: the default, balanced, which the sidecar records with its config
+    assert accel.Config.from_dict(side["config"]) == accel.preset("balanced", "sd15")
+    assert side["preset"] == "balanced" and "preset `balanced`" in r["summary"]
+    assert (image_app.engine.out_dir / names[0]).is_file()
+    assert r["history"] and "s5" in r["history"][0]["caption"]
+
+
+def test_compare_image_returns_both_outputs_and_metrics(image_app):
+    r = image_app.call("/compare", prompt="a blue dog", steps=2, seed=3, preset="off")
+    (base,), (acc,) = r["baseline"], r["result"]
+    m = r["metrics"]
+    assert m["baseline_s"] > 0 and m["accelerated_s"] > 0 and m["speedup"] > 0
+    # "off" changes nothing: the accelerated output is the baseline, bit for bit.
+    assert np.array_equal(_pixels(base["image"]), _pixels(acc["image"]))
+    assert m["psnr"] is None and m["ssim"] == 1.0
+    # nothing engaged: no speed-up is claimed (a time difference between identical runs is noise)
+    assert "nothing engaged" in r["summary"] and "speedup" not in r["summary"] and m["engaged"] == []
+    assert m["repeats"] == 2 and m["baseline_range"][0] <= m["baseline_s"] <= m["baseline_range"][1]
+    assert len(r["files"]) == 4  # two outputs, two sidecars
+    side = _sidecar_of(image_app.engine.out_dir, Path(acc["image"]).name)
+    assert side["mode"] == "compare" and side["compare"]["ssim"] == 1.0 and side["preset"] == "off"
+    assert _sidecar_of(image_app.engine.out_dir, Path(base["image"]).name)["side"] == "baseline"
+
+
+def test_compare_lossy_setting_shows_reuse_and_fidelity(image_app):
+    cfg = {"cache.method": "deepcache", "cache.interval": 2}
+    if not hasattr(importlib.import_module("accel.cache"), "apply_technique"):
+        pytest.skip("this tree has no step caching yet")
+    r = image_app.call("/compare", prompt="a blue dog", steps=4, seed=3, **cfg)
+    (base,), (acc,) = r["baseline"], r["result"]
+    assert r["stats"]["cache"]["reused"] == 2  # every other step reuses the deep features
+    diff = np.abs(_pixels(base["image"]).astype(int) - _pixels(acc["image"]).astype(int))
+    assert diff.max() > 0 and r["metrics"]["psnr"] is not None
+    # Fidelity floor on a random-weight model (real models do far better): the image is still close.
+    assert r["metrics"]["psnr"] > 10 and r["metrics"]["ssim"] > 0.3
+
+
+def test_over_limit_request_errors_and_server_keeps_serving(image_app):
+    # phrased for the person at the page: what the page allows, not the server's flags
+    for changes, fragment in ((dict(steps=10_000), "steps: 10000 is more than this server allows: at most 400 steps"),
+                              (dict(width=4096), "width: 4096 is more than this server allows: at most 64 pixels"),
+                              (dict(batch=3), "batch: 3 is more than this server allows: at most 2 outputs per run"),
+                              (dict(prompt="x" * 3000), "prompt length: 3000 is more than this server allows")):
+        with pytest.raises(AppError, match=fragment) as err:
+            image_app.call(**{"prompt": "a cat", **changes})
+        assert "restart" not in str(err.value) and "--" not in str(err.value)
+    r = image_app.call(prompt="a cat", steps=1)
+    assert len(r["result"]) == 1
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    (dict(prompt="   "), "prompt: empty"),
+    (dict(model="someone/other-model"), "serves only 'tiny-sd15'; it cannot load other models"),
+    (dict(preset="turbo"), "preset: 'turbo' is not a preset; choose one of off, "),
+    (dict(width=36), "divisible by 8"),
+    (dict(steps=0), "steps: 0 must be >= 1"),
+    (dict(**{"attention.density": 0.5}), "attention.density: 0.5 needs a sparse attention.pattern"),
+    (dict(**{"tokens.ratio": 2.0}), "tokens.ratio: 2.0 is out of range"),
+])
+def test_bad_input_gets_a_clear_error(image_app, changes, fragment):
+    with pytest.raises(AppError, match=fragment.replace(".", r"\.")) as err:
+        image_app.call(**{"prompt": "a cat", **changes})
+    assert "restart" not in str(err.value) and "--allow" not in str(err.value)
+
+
+def test_stop_ends_a_long_run_promptly_and_the_next_request_works(image_app):
+    before = set(image_app.engine.out_dir.glob("*.png"))
+    job = image_app.client.submit(prompt="a long run", steps=400, api_name="/generate")
+    deadline = time.monotonic() + 120
+    while True:  # wait until the pipeline is really denoising
+        progress = job.status().progress_data
+        if progress and (progress[-1].index or 0) >= 2:
+            break
+        assert time.monotonic() < deadline and not job.done(), "the long run never reported progress"
+        time.sleep(0.05)
+    job.cancel()
+    _stopped_and_the_worker_is_free(image_app, before)
+
+
+def _stopped_and_the_worker_is_free(app, before: set) -> None:
+    """The 400-step run stopped early and wrote nothing, and the only worker serves the next request."""
+    r = app.call(prompt="after the stop", steps=1)
+    assert len(r["result"]) == 1
+    stopped = [e for e in app.engine.log if e["steps"] == 400]
+    assert stopped and stopped[-1]["stopped"] and 2 <= stopped[-1]["steps_done"] < 400
+    assert len(set(app.engine.out_dir.glob("*.png")) - before) == 1  # only the next request's output
+
+
+def test_a_client_that_goes_away_stops_its_run_and_frees_the_worker(image_app):
+    # A client joins the queue, reads its event stream until the run is denoising, then drops the
+    # connection (a killed script, a closed tab's stream): the run stops at its next step, writes
+    # nothing, and the only worker serves the next request.
+    before = set(image_app.engine.out_dir.glob("*.png"))
+    fn = next(f for f in image_app.demo.fns.values() if f.api_name == "generate")
+    given = {"prompt": "a run nobody waits for", "steps": 400}
+    data = [given.get(name, getattr(block, "value", None)) for name, block in zip(fn.input_parameter_names, fn.inputs,
+                                                                                   strict=True)]
+    session = uuid.uuid4().hex
+    body = json.dumps({"data": data, "event_data": None, "fn_index": fn._id, "trigger_id": None,
+                       "session_hash": session}).encode()
+    urllib.request.urlopen(urllib.request.Request(f"{image_app.url}gradio_api/queue/join", body,
+                                                  {"Content-Type": "application/json"}), timeout=30).close()
+    stream = urllib.request.urlopen(f"{image_app.url}gradio_api/queue/data?session_hash={session}", timeout=120)
+    for line in stream:  # server-sent events, until the pipeline is really denoising
+        msg = json.loads(line[5:]) if line.startswith(b"data:") else {}
+        assert msg.get("msg") != "process_completed", msg
+        if msg.get("msg") == "progress" and ((msg.get("progress_data") or [{}])[-1].get("index") or 0) >= 2:
+            break
+    stream.close()  # the client goes away
+    _stopped_and_the_worker_is_free(image_app, before)
+
+
+def test_stop_answers_how_far_the_run_got(image_app):
+    # The page's Stop sets its session's stop flag; the run answers in the summary, not with an error.
+    from accel.web.run import OUTPUTS, handler
+    from accel.web.stop import Runs
+
+    runs = Runs()
+    run = handler("generate", image_app.engine, web_controls.knobs(hide=("parallel",)), "sd15", runs)
+
+    def progress(step, **_):
+        if step[0] >= 3:
+            runs.stop("page-1")  # what the Stop button does for its page's session
+
+    answer = asyncio.run(run([], SimpleNamespace(session_hash="page-1"), progress, prompt="a long run", steps=400))
+    text = answer[OUTPUTS.index("summary")]
+    assert re.search(r"Stopped after [34] of 400 steps\*\*; nothing was written", text), text
+    after = asyncio.run(run([], SimpleNamespace(session_hash="page-1"), progress, prompt="x", steps=2))
+    assert "Stopped" not in after[OUTPUTS.index("summary")]  # a later run is not stopped by an old Stop
+
+
+def test_api_takes_named_parameters_and_honours_the_preset(image_app):
+    params = image_app.client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]
+    names = [p["parameter_name"] for p in params["parameters"]]
+    assert {"prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "preset", "cache_threshold",
+            "cache_interval", "tokens_ratio", "attention_density"} <= set(names)
+    assert not [n for n in names if n.startswith("param_")]
+    knob = next(p for p in params["parameters"] if p["parameter_name"] == "cache_interval")
+    assert knob["parameter_has_default"] and knob["parameter_default"] is None  # None: the preset's value
+    fast = accel.preset("fast", "sd15")
+    r = image_app.call(prompt="a red cat", steps=2, preset="fast")
+    side = _sidecar_of(image_app.engine.out_dir, Path(r["result"][0]["image"]).name)
+    assert side["preset"] == "fast" and accel.Config.from_dict(side["config"]) == fast
+    assert "preset `fast`," in r["summary"] and r["stats"]["cache"]["method"] == fast.cache.method
+    # a knob beside the preset changes that one field of it
+    r = image_app.call(prompt="a red cat", steps=2, preset="fast", cache_interval=2)
+    side = _sidecar_of(image_app.engine.out_dir, Path(r["result"][0]["image"]).name)
+    assert accel.Config.from_dict(side["config"]) == fast.replace(cache={"interval": 2})
+    assert side["preset"] == "fast" and "preset `fast` with cache.interval 2" in r["summary"]
+
+
+def test_one_progress_bar_on_the_main_output(image_app):
+    demo = image_app.demo
+    result = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "result")
+    page_runs = [fn for fn in demo.fns.values() if fn.api_name in ("page_generate", "page_compare")]
+    assert len(page_runs) == 2
+    for fn in page_runs:
+        assert fn.show_progress == "full" and list(fn.show_progress_on) == [result]
+
+
+def test_history_is_read_back_from_the_output_folder(image_app):
+    image_app.call(prompt="a green bird", steps=1, seed=11)
+    image_app.call(prompt="a pink fish", steps=1, seed=12, batch=2)
+    # a new page (or a restarted server) on the same folder opens with that history, newest first
+    demo = build_app(image_app.engine.primary.pipe, "tiny-sd15", limits=LIMITS, out_dir=image_app.engine.out_dir)
+    load = next(fn for fn in demo.fns.values() if any(event == "load" for _, event in fn.targets))
+    entries, gallery = load.fn()
+    assert [e["record"]["seed"] for e in entries[:2]] == [12, 11]  # one entry per run, not per output
+    assert all(e["record"]["side"] == "accelerated" and Path(path).is_file() for e, (path, _) in zip(entries, gallery,
+                                                                                                      strict=True))
+    assert gallery[0][1].endswith("s12") and len(entries) <= 48
+
+
+@pytest.mark.parametrize("model, video", [("ref-sd", False), ("ref-dit", False), ("ref-video", True),
+                                          ("tiny-sd15", False), ("tiny-wan", True)])
+def test_example_prompts_use_words_the_built_in_model_knows(model, video):
+    from accel.pipelines.ref.data import VOCABULARY
+    from accel.pipelines.parts import WORDS
+    from accel.web.examples import example_prompts, placeholder
+
+    words = set(VOCABULARY if model.startswith("ref-") else WORDS)
+    prompts = example_prompts(model, video)
+    assert prompts and placeholder(model, video) == prompts[0]
+    for p in prompts:
+        assert not [w for w in p.replace(",", " ").split() if w not in words], p
+
+
+def test_the_page_shows_examples_and_a_placeholder_the_model_knows(image_app):
+    from accel.web.examples import example_prompts
+
+    blocks = image_app.demo.blocks.values()
+    prompt = next(b for b in blocks if getattr(b, "elem_id", None) == "prompt")
+    assert prompt.placeholder == example_prompts("tiny-sd15", False)[0]
+    (examples,) = [b for b in blocks if type(b).__name__ == "Dataset"]
+    assert [row[0] for row in examples.raw_samples] == example_prompts("tiny-sd15", False)
+
+
+def test_files_are_served_only_from_the_output_folder(image_app, tmp_path):
+    r = image_app.call(prompt="a cat", steps=1)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the browser")
+
+    def status(path):
+        try:
+            with urllib.request.urlopen(f"{image_app.url}gradio_api/file={path}") as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status(image_app.engine.out_dir / Path(r["files"][0]).name) == 200
+    assert status(secret) in (403, 404)
+    assert status("/etc/passwd") in (403, 404)
+    assert status(Path(accel.__file__)) in (403, 404)
+
+
+def test_video_generate_and_compare(video_app):
+    r = video_app.call(prompt="a ball moving right", steps=2, frames=5, fps=4)
+    (item,) = r["result"]
+    data = Path(item["video"]).read_bytes()
+    assert data[4:8] == b"ftyp" and b"avc1" in data[:4096]  # H.264 MP4: what browsers play
+    assert r["stats"]["family"] == "wan"
+    side = _sidecar_of(video_app.engine.out_dir, Path(item["video"]).name)
+    assert side["call"]["num_frames"] == 5 and side["fps"] == 4
+
+    r = video_app.call("/compare", prompt="a ball moving right", steps=2, frames=5)
+    (base,), (acc,) = r["baseline"], r["result"]
+    assert base["video"].endswith(".mp4") and acc["video"].endswith(".mp4")
+    assert r["metrics"]["ssim"] == 1.0 and r["metrics"]["speedup"] > 0
+    with pytest.raises(AppError, match="frames: 33 is more than this server allows: at most 9 frames"):
+        video_app.call(prompt="a ball", frames=33)
+
+
+# --- pieces without a server ----------------------------------------------------------------------
+
+
+def test_every_config_field_gets_a_control_and_round_trips():
+    knobs = web_controls.knobs()
+    for section, cls in web_controls.sections():
+        fields = [f.name for f in dataclasses.fields(cls)]
+        assert [k.name for k in knobs if k.section == section] == fields
+    by_key = {k.key: k for k in knobs}
+    assert by_key["cache.method"].kind == "choice" and by_key["tokens.ratio"].kind == "float"
+    assert by_key["cache.interval"].kind == "int"
+    for name in accel.available_presets():
+        for family in accel.FAMILIES:
+            cfg = accel.preset(name, family)
+            assert web_controls.config_from_values(knobs, web_controls.values_from_config(knobs, cfg)) == cfg
+
+
+def test_knobs_change_the_preset_and_none_keeps_its_value():
+    knobs = web_controls.knobs(hide=("parallel",))
+    fast = accel.preset("fast", "sd15")
+    assert web_controls.config_over(knobs, [None] * len(knobs), fast) == fast
+    cfg = web_controls.config_over(knobs, [2 if k.key == "cache.interval" else None for k in knobs], fast)
+    assert cfg == fast.replace(cache={"interval": 2})
+    assert web_controls.changes(knobs, cfg, fast) == ["cache.interval 2"]
+    every = web_controls.values_from_config(knobs, accel.Config())  # the page sends every knob: they win
+    assert web_controls.config_over(knobs, every, fast) == accel.Config()
+
+
+def test_stop_flags_the_runs_of_its_session_and_those_it_queued():
+    import threading
+
+    from accel.web.stop import Runs
+
+    runs, mine, other = Runs(), threading.Event(), threading.Event()
+    with runs.track("page-1", mine, time.monotonic()), runs.track("page-2", other, time.monotonic()):
+        assert runs.stop("page-1") == 1
+    assert mine.is_set() and not other.is_set()
+    queued = threading.Event()  # joined the queue before Stop was pressed: stops as it starts
+    with runs.track("page-1", queued, time.monotonic() - 60):
+        assert queued.is_set()
+    later = threading.Event()
+    with runs.track("page-1", later, time.monotonic()):
+        assert not later.is_set()
+
+
+def test_a_new_field_appears_as_a_control_without_app_changes():
+    @dataclasses.dataclass(frozen=True)
+    class Extra(ConfigBase):
+        """A future technique."""
+
+        section = "extra"
+        mode: str = spec("a", choices=("a", "b"), help="which")
+        level: int = spec(2, min=0, max=9)
+        scale: float = spec(0.5, min=0.0)
+        on: bool = spec(False)
+        layers: tuple[int, ...] = spec((1, 2))
+        note: str | None = spec(None)
+
+    @dataclasses.dataclass(frozen=True)
+    class Root(ConfigBase):
+        extra: Extra = spec(None, factory=Extra)
+
+    knobs = web_controls.knobs(Root)
+    assert [(k.name, k.kind) for k in knobs] == [("mode", "choice"), ("level", "int"), ("scale", "float"),
+                                                 ("on", "bool"), ("layers", "json"), ("note", "json")]
+    assert knobs[1].minimum == 0 and knobs[1].maximum == 9 and knobs[0].help == "which"
+    assert web_controls.to_widget_value(knobs[4], (1, 2)) == "[1, 2]"
+    assert web_controls.from_widget_value(knobs[4], "[3]") == [3]
+
+
+def test_config_download_is_a_config_file(image_app):
+    from accel.web.page import _config_file
+
+    cfg = accel.Config.from_dict({"tokens": {"ratio": 0.25}})
+    path = Path(_config_file(image_app.engine, cfg))
+    assert path.parent.parent == image_app.engine.out_dir and accel.Config.load(path) == cfg
+
+
+def test_cli_help_works_without_gradio(monkeypatch, capsys):
+    # `accel --help` and `accel app --help` must not need gradio: it is imported when the app starts.
+    from accel.cli import build_parser
+
+    for name in ("gradio", "gradio_client"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import gradio` now fails
+    for name in [m for m in sys.modules if m.startswith(("accel.web.", "accel.cli.app"))]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, with gradio unavailable
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["app", "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "--allow-model-paths" in out and "127.0.0.1" in out and "--max-steps" in out
+
+
+def test_limits_from_flags_and_file(tmp_path):
+    from accel.cli import build_parser
+    from accel.cli.app import limits_from_args
+
+    f = tmp_path / "limits.toml"
+    f.write_text("[limits]\nmax_steps = 12\nmax_batch = 1\n")
+    args = build_parser().parse_args(["app", "--limits", str(f), "--max-frames", "17"])
+    assert limits_from_args(args) == Limits(max_steps=12, max_batch=1, max_frames=17)
+    with pytest.raises(accel.ConfigError, match="limits.max_steps"):
+        Limits(max_steps=0)
+
+
+def test_queue_runs_one_request_per_pipeline_and_is_bounded(image_app, tmp_path):
+    pipe = image_app.engine.primary.pipe
+    demo = build_app([pipe, pipe], "tiny-sd15", limits=LIMITS, out_dir=tmp_path)  # as with --gpus 2
+    runs = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in ("generate", "compare")}
+    assert {fn.concurrency_limit for fn in runs.values()} == {2}
+    assert {fn.concurrency_id for fn in runs.values()} == {"pipelines"}  # one budget for both buttons
+    assert demo._queue.max_size == LIMITS.max_queue and len(demo.accel_engine.workers) == 2
+
+
+def test_allow_model_paths_lets_requests_load_other_models(image_app, tmp_path):
+    from accel.pipelines.load import load
+    from accel.web.engine import Engine, InputError
+
+    made = []
+
+    def loader(name, index):
+        made.append(name)
+        return image_app.engine.primary.pipe if name == "tiny-sd15" else load(name, device="cpu")
+
+    engine = Engine(loader, "tiny-sd15", limits=LIMITS, out_dir=tmp_path, allow_model_paths=True)
+    res = engine.run(engine.parse(prompt="a ball", model="tiny-wan", steps=1, frames=5), accel.Config())
+    assert res.outputs[0].suffix == ".mp4" and res.stats["family"] == "wan" and made == ["tiny-sd15", "tiny-wan"]
+    with pytest.raises(InputError, match="unknown model '/no/such/model'"):
+        engine.run(engine.parse(prompt="x", model="/no/such/model"), accel.Config())
+    assert made[-1] == "tiny-sd15" and engine.primary.family == "sd15"  # back to the served model
+
+
+def test_approx_cache_serves_generate_and_not_compare(tiny_cache, tmp_path):
+    """`accel app --approx-cache DIR`: Generate stores and then starts a repeated prompt from its entry; Compare
+    runs without the cache (its repeats would hit the entry its own warm-up stored)."""
+    from accel.web.engine import Engine
+
+    pipe = tiny_cache("sd15")
+    engine = Engine(pipe, "tiny-sd15", limits=LIMITS, out_dir=tmp_path / "out", approx_cache=str(tmp_path / "c"))
+    config = accel.Config.from_dict({"approx": {"similarity": [0.999], "skip": [0.5]}})  # exact repeats only
+    req = engine.parse(prompt="a red cat", steps=6, seed=3)
+    try:
+        first = engine.run(req, config)
+        assert first.stats["approx"]["stored"] and not first.stats["approx"]["hit"]
+        again = engine.run(req, config)
+        assert again.stats["approx"]["hit"] and again.stats["approx"]["skipped_steps"] == 3
+        side = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+        assert side["config"]["approx"]["dir"] == str(tmp_path / "c")
+        compared = engine.run(req, config, mode="compare")
+        assert "approx" not in compared.stats and compared.metrics["engaged"] == []
+    finally:
+        accel.remove(pipe)
+
+
+def test_a_config_file_is_offered_as_preset_config_and_runs(tmp_path, tiny_cache, capsys):
+    """`accel app --config tuned.yaml`: the page opens on it, a call that names no preset runs it, the sidecar
+    says `config`; a bad file is refused before the model loads."""
+    from accel import cli
+    from accel.cli.app import app_config
+    from accel.web.controls import CONFIG_PRESET
+    from accel.web.run import OUTPUTS, handler
+
+    good = tmp_path / "tuned.yaml"
+    good.write_text("cache: {method: deepcache, interval: 3, schedule: uniform}\ntokens: {ratio: 0.0}\n")
+    sections = app_config(SimpleNamespace(config=str(good)))
+    pipe = tiny_cache("sd15")
+    demo = build_app(pipe, "tiny-sd15", limits=LIMITS, out_dir=tmp_path / "out", config_sections=sections)
+    try:
+        dropdown = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "preset")
+        assert dropdown.value == CONFIG_PRESET and CONFIG_PRESET in [c[0] for c in dropdown.choices]
+        from accel.layering import layered as config_for
+
+        served = config_for("balanced", sections, "sd15")  # layered as `accel generate --config` layers it
+        assert served.cache.interval == 3 and not served.tokens.enabled
+        fn = next(f for f in demo.fns.values() if f.api_name == "generate").fn
+        answer = asyncio.run(fn([], SimpleNamespace(session_hash="t"), lambda *a, **k: None, prompt="a cat", steps=4))
+        files = answer[OUTPUTS.index("files")]
+        side = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+        assert side["preset"] == CONFIG_PRESET and accel.Config.from_dict(side["config"]) == served
+        assert answer[OUTPUTS.index("stats")]["cache"]["reused"] > 0
+    finally:
+        demo.close()
+        accel.remove(pipe)
+    assert handler  # the page and the API share the run function
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache: {interval: 0}\n")
+    assert cli.main(["app", "--model", "tiny-sd15", "--config", str(bad)]) == 2
+    assert "cache.interval" in capsys.readouterr().err
