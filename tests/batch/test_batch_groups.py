@@ -55,3 +55,7 @@ def test_a_world_the_degree_does_not_divide_is_refused(tmp_path, capsys):
     assert _batch(prompts, tmp_path / "out", "--gpus", "3", "--parallel", "cfg=2") == 2
     assert "--parallel: a group of 2 ranks per image needs a number of processes that is a multiple of 2, not 3" \
         in capsys.readouterr().err
+
+import pytest  # noqa: E402
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]

@@ -105,3 +105,5 @@ def test_deepcache_adds_no_host_reads(tiny_cache, monkeypatch):
         run(pipe, "sd15", num_inference_steps=6)
         assert accel.stats(pipe)["cache"]["reused"] > 0
     assert seen[0] == plain
+
+pytestmark = [pytest.mark.slow]

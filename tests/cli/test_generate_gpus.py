@@ -59,3 +59,5 @@ def test_parallel_table_of_the_config_file(tmp_path, capsys):
     conf.write_text("cache: {}\nparallel: {cfg: 2, sequence: 2}\n")
     assert main([*BASE, "--out", str(tmp_path / "x.png"), "--config", str(conf), "--gpus", "2"]) == 2
     assert "--gpus 2: --parallel (from --config) needs 4 processes" in capsys.readouterr().err
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]

@@ -56,3 +56,5 @@ def test_compiled_denoiser_equals_uncompiled_run(case):
         accel.remove(pipe)
     assert graphs[0] > 0 and graphs[0] == graphs[1] == graphs[2], graphs  # no recompiles
     assert breaks > 0
+
+pytestmark = [pytest.mark.slow]

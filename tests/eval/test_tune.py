@@ -132,3 +132,5 @@ def test_bad_arguments_are_refused_with_what_to_do(tmp_path, capsys):
     assert cli.main(["tune", "--model", "tiny-sd15", "--prompts", str(tmp_path / "none.txt"),
                      "--out", str(tmp_path / "t.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+pytestmark = [pytest.mark.slow]

@@ -45,3 +45,5 @@ def test_clip_composes_with_cfg_parallel(results):
         assert r["strategies"] == ["cfg", "clip"]
         assert r["max_abs"] <= EXACT
         assert r["cfg_gathers"] == 2 and r["clip_kv_bytes"] > 0
+
+pytestmark = [pytest.mark.multiprocess]

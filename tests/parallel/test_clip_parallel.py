@@ -98,3 +98,5 @@ def test_clip_on_unsupported_families_fails_before_any_work(tiny_cache):
     registry = wan.transformer.__dict__.get("_diffusers_hook")
     assert "_accel_parallel" not in wan.__dict__
     assert registry is None or not any(name.startswith("accel.parallel") for name in registry.hooks)
+
+pytestmark = [pytest.mark.multiprocess]

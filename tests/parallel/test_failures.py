@@ -40,3 +40,7 @@ def test_dead_rank_stops_the_group_with_an_error():
     assert "ParallelError: rank 0: all-reduce failed: another rank stopped responding" in out0
     elapsed = float(out0.split("error after ")[1].split("s")[0])
     assert elapsed < ERROR_WITHIN_S
+
+import pytest  # noqa: E402
+
+pytestmark = [pytest.mark.multiprocess]

@@ -40,3 +40,5 @@ def test_invalid_combinations_fail_before_any_work(tiny_cache):
     with pytest.raises(ParallelError, match="need 2 processes but this is a single process"):
         parallelize(sd15, ParallelConfig(cfg=2))
     assert "_accel_parallel" not in sd15.__dict__ and "_diffusers_hook" not in sd15.unet.__dict__
+
+pytestmark = [pytest.mark.multiprocess]

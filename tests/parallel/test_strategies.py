@@ -74,3 +74,5 @@ def test_parallel_vae_decode_equals_single_decode(results):
 def test_unparallelize_restores_bitwise(results):
     restored = [v["max_abs"] for k, v in results.items() if k.endswith("/restored")]
     assert restored and all(x == 0.0 for x in restored)
+
+pytestmark = [pytest.mark.multiprocess]

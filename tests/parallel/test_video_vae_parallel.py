@@ -53,3 +53,5 @@ def test_unsupported_vae_is_refused_before_any_work():
                                     norm_num_groups=2, latent_channels=4)
     with pytest.raises(ParallelError, match="AutoencoderKLHunyuanVideo is not supported.*set vae=False"):
         apply_vae(Ledger(), vae, ParallelConfig(vae=True), {})
+
+pytestmark = [pytest.mark.multiprocess]

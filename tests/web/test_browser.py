@@ -177,3 +177,5 @@ def test_preset_fills_the_knobs_and_compare_shows_both(app_url, page, tmp_path):
     page.locator("#result img").first.wait_for(state="visible")
     assert "SSIM" in page.locator("#summary").inner_text() and "cache:" in page.locator("#summary").inner_text()
     _screenshot(page, tmp_path, "web_app_compare.png")
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -37,3 +37,5 @@ def test_parallel_app_options_are_checked_before_spawning(capsys):
 
     assert main(["app", "--parallel", "cfg=2", "--gpus", "3"]) == 2
     assert "--gpus 3: --parallel cfg=2 serves one pipeline on 2 processes" in capsys.readouterr().err
+
+pytestmark = [pytest.mark.multiprocess]
