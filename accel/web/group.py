@@ -37,7 +37,7 @@ class Leader:
 
 
 def _stop_flag(group, stop: bool) -> bool:
-    flag = torch.tensor([int(stop)])
+    flag = torch.tensor([int(stop)])  # on the host by design: the message group is gloo, whose tensors live on the CPU
     dist.broadcast(flag, src=0, group=group)
     return bool(flag.item())
 
