@@ -88,11 +88,14 @@ class _Root(ConfigBase):
 
         return cls.from_dict(tomllib.loads(text))
 
+    def text_for(self, path: str | os.PathLike) -> str:
+        """The file text `save` writes to ``path``; the format follows the suffix (.json, .yaml/.yml, .toml)."""
+        return {"json": self.to_json, "yaml": self.to_yaml, "toml": self.to_toml}[_format_of(Path(path))]()
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write to ``path``; the format follows the suffix (.json, .yaml/.yml, .toml)."""
         path = Path(path)
-        fmt = _format_of(path)
-        text = {"json": self.to_json, "yaml": self.to_yaml, "toml": self.to_toml}[fmt]()
+        text = self.text_for(path)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)

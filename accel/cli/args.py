@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..io.outputs import check_folder, check_writable
 from ..io.prompts import check
 
 
 class UsageError(Exception):
     """A bad argument value the user can fix; printed as one line."""
+
+
+def check_output(flag: str, path, *, folder: bool = False) -> Path:
+    """Refuse, before any model loads, a path this command will write (a file, or with ``folder`` a folder):
+    one line naming the option, the path and what is wrong. A missing folder is created."""
+    try:
+        (check_folder if folder else check_writable)(Path(path))
+    except OSError as e:
+        raise UsageError(f"{flag}: {e}") from None
+    return Path(path)
+
+
+def check_approx_dir(sections: dict, flag: str = "approx.dir") -> None:
+    """The approximate cache's folder, when the config names one (``sections``: `accel.layering.read_sections`)."""
+    folder = (sections.get("approx") or {}).get("dir")
+    if folder:
+        check_output(flag, folder, folder=True)
 
 
 def positive_int(text: str) -> int:

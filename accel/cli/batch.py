@@ -15,11 +15,10 @@ from pathlib import Path
 from ..batch.plan import Settings, dry_run, plan
 from ..batch.workers import Interrupted, Rank, spawn
 from ..config import available_presets
-from ..io.outputs import check_writable
 from ..io.prompts import PromptFileError, read_rows
 from ..layering import layered, merge, parallel_config, read_sections
 from ..pipelines.load import DEFAULT_MODEL, quiet_loading
-from .args import UsageError, positive_int, row_field
+from .args import UsageError, check_approx_dir, check_output, positive_int, row_field
 
 # name -> (argparse type, built-in default, help). The same names are the keys of a config
 # file's [batch] table.
@@ -118,7 +117,8 @@ def cmd_batch(args) -> int:
     out = Path(s.out)
     if args.dry_run:
         return dry_run(jobs, out, args.overwrite)
-    check_writable(out / "x")
+    check_output("--out", out, folder=True)  # every folder the rows write into, before any model loads
+    check_approx_dir(s.sections, "--approx-cache" if args.approx_cache else "approx.dir")
     rank = _rank_for(s, args.gpus)
     if args.gpus and args.gpus > 1 and rank.world == 1:
         return spawn(args.gpus, ["batch", *_argv_without_gpus(args)])

@@ -11,15 +11,16 @@ import sys
 from pathlib import Path
 
 from ..pipelines.load import DEFAULT_MODEL, ModelLoadError, default_device, load, quiet_loading
-from .args import UsageError, positive_int, row_field
+from ..io.outputs import keep_text
+from .args import UsageError, check_output, positive_int, row_field
 
 DESCRIPTION = "`accel bench`: speed and fidelity of presets, config files, sweeps and peers on any model, in one run."
 
 
-def write_report(path: Path, report: dict) -> Path:
-    """Write a JSON report to ``path``."""
-    path.write_text(json.dumps(report, indent=1, default=str))
-    return path
+def write_report(path: Path, report: dict) -> Path | None:
+    """Write a JSON report to ``path`` (checked by `check_output` before the run); if the write fails now, the
+    report goes beside it or to standard output (`accel.io.outputs.keep_text`). Returns where it went."""
+    return keep_text(path, json.dumps(report, indent=1, default=str), say=lambda m: print(m, file=sys.stderr))
 
 
 def add_model_args(p) -> None:
@@ -110,6 +111,8 @@ def cmd_bench(args) -> int:
     for path in args.configs:
         if not Path(path).is_file():
             raise UsageError(f"--configs {path!r}: no such file")
+    if args.json:
+        check_output("--json", args.json)
     try:
         peers.select(args.peers)
     except ValueError as e:
@@ -143,6 +146,6 @@ def cmd_bench(args) -> int:
         print(f"\nNote: {RANDOM_WEIGHTS_NOTE}.")
     if stopped:
         print("\nStopped early: the rows above hold what was measured.")
-    if args.json:
-        print(f"\nwrote {write_report(Path(args.json), rep)}")
+    if args.json and (where := write_report(Path(args.json), rep)):
+        print(f"\nwrote {where}")
     return 130 if stopped else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from ..config import DEFAULT_PRESET, available_presets
 from ..io import outputs
 from ..layering import layered, parallel_config, read_sections
 from ..pipelines.load import DEFAULT_MODEL, DEFAULT_VIDEO_MODEL, call_defaults, load, quiet_loading
-from .args import UsageError, positive_int, row_field
+from .args import UsageError, check_approx_dir, check_output, positive_int, row_field
 
 
 def add_parser(sub) -> None:
@@ -59,7 +60,7 @@ def cmd_generate(args) -> int:
     if args.out and Path(args.out).suffix.lower() not in outputs.IMAGE_SUFFIXES + outputs.VIDEO_SUFFIXES:
         raise UsageError(f"--out {args.out!r}: use a .png/.webp/.jpg (image) or .mp4/.gif (video) file name")
     if args.out:
-        outputs.check_writable(Path(args.out))
+        check_output("--out", args.out)
     if args.model is None:  # the built-in default: the video one when the call asks for video
         wants_video = args.frames is not None or (args.out and Path(args.out).suffix.lower() in outputs.VIDEO_SUFFIXES)
         args.model = DEFAULT_VIDEO_MODEL if wants_video else DEFAULT_MODEL
@@ -70,6 +71,7 @@ def cmd_generate(args) -> int:
         if args.preset not in names:
             raise UsageError(f"--preset {args.preset!r}: choose one of {', '.join(names)}")
     sections = read_sections(args.config, args.sets)[1]  # a bad file or --set is refused before the model loads
+    check_approx_dir(sections)
 
     pcfg = parallel_config(args.parallel, args.config)
     n = args.gpus or (pcfg.world_size if pcfg else 1)
@@ -122,7 +124,7 @@ def _generate(args, pcfg, sections: dict) -> int:
         kind = "video (.mp4/.gif)" if video else "image (.png/.webp/.jpg)"
         raise UsageError(f"--out {str(out)!r}: {args.model} makes a {kind}")
     if speaks:
-        outputs.check_writable(out)
+        check_output("--out", out)
 
     def make_kw():  # a fresh generator per call: every run starts from the same noise
         return call_kwargs(pipe, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
@@ -143,12 +145,21 @@ def _generate(args, pcfg, sections: dict) -> int:
     if not speaks:
         return 0
     extra = {"parallel": parallel.parallel_stats(pipe)} if pcfg is not None else None
-    side = once.save(pipe, frames, out, fps=args.fps, kw=kw, preset=_preset(args), config=cfg, extra=extra,
-                     timings={"load_s": load_s, "generate_s": generate_s}, **record)
+    sides = []
+    out = outputs.keep(out, lambda where: sides.append(once.save(
+        pipe, frames, where, fps=args.fps, kw=kw, preset=_preset(args), config=cfg, extra=extra,
+        timings={"load_s": load_s, "generate_s": generate_s}, **record)), say=_say)
+    if out is None:
+        return 1
+    side = sides[-1]
     print(f"wrote {out} ({'video' if video else 'image'} {frames.shape[-2]}x{frames.shape[-3]}"
           f"{f', {frames.shape[0]} frames' if video else ''}) in {side['timings']['generate_s']:.2f}s; "
           f"sidecar {outputs.sidecar_path(out)}")
     return 0
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _compare(args, pipe, cfg, make_kw, out: Path, load_s: float, record: dict) -> int:

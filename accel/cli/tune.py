@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from ..config_base import FILE_FORMATS
-from .args import UsageError
+from ..io.outputs import keep_text
+from .args import UsageError, check_output
 from .bench import add_model_args, prepare, write_report
 
 DESCRIPTION = "`accel tune`: the fastest setting that keeps every one of your prompts above a PSNR floor."
@@ -40,8 +41,9 @@ def cmd_tune(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in FILE_FORMATS:
         raise UsageError(f"--out {args.out!r}: use a .yaml, .json or .toml file name")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {args.out!r}: the folder {str(out.parent)!r} does not exist")
+    check_output("--out", out)  # every file this run writes is checked before the model loads
+    if args.json:
+        check_output("--json", args.json)
     if args.repeats < 1:
         raise UsageError("--repeats: at least 1")
     try:
@@ -63,10 +65,9 @@ def cmd_tune(args) -> int:
     if outcome.stopped:
         print(f"\nStopped early ({outcome.stopped}): the pick is the best of what was measured.")
     text = config_text(outcome, model=args.model, floor=args.min_psnr, calls=len(work.calls))
-    if out.suffix.lower() == ".yaml" or out.suffix.lower() == ".yml":
-        out.write_text(text)
-    else:
-        outcome.pick_config.save(out)
+    if out.suffix.lower() not in (".yaml", ".yml"):
+        text = outcome.pick_config.text_for(out)
+    out = keep_text(out, text, say=lambda m: print(m, file=sys.stderr)) or out
     if outcome.pick is None:
         worst = max((r for r in outcome.screened if r.ran and r.kind != "baseline"),
                     key=lambda r: r.psnr_worst or 0, default=None)

@@ -120,14 +120,66 @@ def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + ".json")
 
 
-def check_writable(path: Path) -> None:
-    """Fail before generating, not after: the folder must exist (or be creatable) and be writable."""
-    folder = path.parent
+def check_folder(folder: Path) -> None:
+    """Fail before any work, not after: ``folder`` must be a folder (or creatable as one) and writable."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OSError(f"{str(folder)!r} is a file, not a folder; give a folder (or a name not in use)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"cannot create output folder {str(folder)!r}: {e.strerror or e}") from None
-    if path.is_dir():
-        raise OSError(f"output path {str(path)!r} is a folder; give a file name")
+        raise OSError(f"cannot create the folder {str(folder)!r}: {e.strerror or e}") from None
     if not os.access(folder, os.W_OK):
-        raise OSError(f"output folder {str(folder)!r} is not writable")
+        raise OSError(f"the folder {str(folder)!r} is not writable")
+
+
+def check_writable(path: Path) -> None:
+    """Fail before generating, not after: the file's folder must exist (or be creatable) and be writable, and the
+    path must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"{str(path)!r} is a folder; give a file name")
+    check_folder(path.parent)
+
+
+def spare_paths(path: Path) -> list[Path]:
+    """Where a result goes when ``path`` cannot be written: beside it, in the current folder, in the temporary
+    folder (each under a name no other process uses)."""
+    import tempfile
+
+    name = f"{path.stem}.kept-{os.getpid()}{path.suffix}"
+    return [path.with_name(name), Path.cwd() / name, Path(tempfile.gettempdir()) / name]
+
+
+def keep(path: Path, write, say=print) -> Path | None:
+    """``write(path)``; when that fails at the end of a run (a full disk, a permission changed since the start),
+    the result is not lost: ``write`` is tried on each of `spare_paths` and ``say`` gets one line naming where it
+    went. Returns the path written (None: nowhere could take it, also said)."""
+    path = Path(path)
+    error = None
+    for i, where in enumerate([path, *spare_paths(path)]):
+        try:
+            write(where)
+        except OSError as e:
+            error = error or e
+            continue
+        if i:
+            say(f"accel: could not write {str(path)!r} ({error.strerror or error}); wrote it to {str(where)!r}")
+        return where
+    say(f"accel: could not write {str(path)!r} ({error.strerror or error}), nor beside it, in the current folder "
+        "or in the temporary folder")
+    return None
+
+
+def keep_text(path: Path, text: str, say=print) -> Path | None:
+    """`keep` for a text result (a report, a config): written atomically, else printed to standard output."""
+
+    def write(where):
+        with atomic_path(where) as tmp:
+            tmp.write_text(text)
+
+    where = keep(path, write, say)
+    if where is None:
+        say("accel: here it is, on standard output:")
+        print(text)
+    return where

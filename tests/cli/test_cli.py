@@ -117,7 +117,7 @@ def _has_pyav():
     (["--height", "36"], "divisible by 8"),
     (["--preset", "warp9"], "--preset 'warp9': choose one of off"),
     (["--config", "missing.toml"], "no such file"),
-    (["--out", "/dev/null/x/y.png"], "cannot create output folder"),
+    (["--out", "/dev/null/x/y.png"], "--out: cannot create the folder"),
     (["--out", "picture.bmp"], "use a .png"),
     (["--model", "tiny-sd15", "--frames", "9"], "makes images, not video"),
     (["--guidance", "nan"], "nan is not a finite number"),

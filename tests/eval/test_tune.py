@@ -123,8 +123,9 @@ def test_stopping_keeps_the_best_found_so_far(tmp_path, monkeypatch):
 
 def test_bad_arguments_are_refused_with_what_to_do(tmp_path, capsys):
     prompts = _prompt_file(tmp_path, 1, 1)
+    (tmp_path / "afile").write_text("x")
     cases = [(["--min-psnr", "-3"], "between 0 and 100"), (["--out", str(tmp_path / "t.txt")], ".yaml, .json or .toml"),
-             (["--time-budget", "soon"], "10m"), (["--out", str(tmp_path / "no" / "t.yaml")], "does not exist")]
+             (["--time-budget", "soon"], "10m"), (["--out", str(tmp_path / "afile" / "t.yaml")], "is a file, not a folder")]
     for extra, words in cases:
         args = ["tune", "--model", "tiny-sd15", "--prompts", str(prompts), "--out", str(tmp_path / "t.yaml"), *extra]
         assert cli.main(args) == 2
