@@ -44,7 +44,7 @@ from ..pipelines.ref import checker
 from ..pipelines.ref import data as shapes
 from . import peers, space
 from .clock import error_line, measure, round_robin
-from .compare import engaged
+from .compare import Engaged
 from .metrics import compare
 from .snapshot import Snapshot
 
@@ -201,13 +201,16 @@ class _Sampler:
             peak = None
             outs = []
             score = keep and row.label not in self.fidelity
+            did = Engaged()  # `accel.stats` describes the last call: a row's work is summed over its calls
             for call in calls:
                 s, frames = self._call(call)
                 seconds, wall = seconds + s.seconds, wall + s.wall_s
                 peak = s.peak_bytes if peak is None or (s.peak_bytes or 0) > peak else peak
                 if score:
                     outs.append(frames)
-            what = engaged(api.stats(work.pipe)) if row.config is not None else []
+                if row.config is not None:
+                    did.add(api.stats(work.pipe))
+            what = did.lines()
         finally:
             if row.config is not None:
                 api.remove(work.pipe)
@@ -234,6 +237,9 @@ class _Sampler:
                "psnr": None if len(finite) <= len(psnrs) // 2 else round(statistics.median(
                    [p if p is not None else float("inf") for p in psnrs]), 2),
                "psnr_worst": round(min(finite), 2) if finite else None, "engaged": what}
+        if finite and not what and row.config is not None:  # changed the output: never "nothing engaged"
+            rec["engaged"] = [f"no technique counted work, yet {len(finite)} of {len(psnrs)} outputs differ from the "
+                              "baseline (see accel.stats)"]
         if self.work.scorer is not None:
             rec["scores"] = {k: round(v, 3) for k, v in self.work.scorer([np.asarray(o) for o in outs],
                                                                        [c.item for c in self.work.calls]).items()

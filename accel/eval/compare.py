@@ -3,9 +3,9 @@
 One timed call each is noise (the first call of a process pays for allocation and compilation, and
 whichever runs first warms the caches of the other), so `timed_pair` runs one untimed warm-up of each,
 then alternates which goes first over ``repeats`` rounds, and reports medians with their spread.
-`engaged` reads `accel.stats` to say what the accelerated call actually did: when nothing engaged, the
-outputs are identical and any time difference is noise, which is what the report must say instead
-of a speed-up.
+`engaged` reads `accel.stats` to say what the accelerated call actually did (`Engaged` sums it over the
+calls of a row): when nothing engaged, the outputs are identical and any time difference is noise, which
+is what the report must say instead of a speed-up.
 """
 
 from __future__ import annotations
@@ -17,26 +17,72 @@ from .clock import measure
 from .metrics import compare
 
 
+class Engaged:
+    """What the techniques did over every call of a row, summed from each call's `accel.stats` (which
+    describes one call): ``add`` after each call, ``lines()`` at the end (empty: nothing engaged)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.reused = self.computed = 0  # step cache: denoiser computations
+        self.token_calls = self.token_blocks = 0
+        self.token_ratios: list[float] = []
+        self.approx_hits = self.approx_skipped = self.approx_steps = 0
+        self.approx_similarity: list[float] = []
+        self.sparse_calls = self.attention_calls = 0
+        self.densities: list[float] = []
+        self.backends: set[str] = set()
+
+    def add(self, stats: dict) -> "Engaged":
+        self.calls += 1
+        cache = stats.get("cache") or {}
+        self.reused += cache.get("reused") or 0
+        self.computed += cache.get("computed") or 0
+        tokens = stats.get("tokens") or {}
+        if tokens.get("average_removed"):
+            self.token_calls += 1
+            self.token_ratios.append(tokens.get("realised_ratio") or 0.0)
+            self.token_blocks = max(self.token_blocks, tokens.get("reduced_blocks") or 0)
+        approx = stats.get("approx") or {}
+        if approx.get("hit"):
+            self.approx_hits += 1
+            self.approx_similarity.append(approx.get("similarity") or 0.0)
+            self.approx_skipped += approx.get("skipped_steps") or 0
+        self.approx_steps += approx.get("total_steps") or stats.get("total_steps") or 0
+        attention = stats.get("attention") or {}
+        if attention.get("sparse_calls"):
+            self.sparse_calls += attention["sparse_calls"]
+            if attention.get("realised_density") is not None:
+                self.densities.append(attention["realised_density"])
+            self.backends.add(str(attention.get("backend")))
+        self.attention_calls += sum(attention.get(k) or 0 for k in ("sparse_calls", "dense_calls", "passthrough_calls"))
+        return self
+
+    def lines(self) -> list[str]:
+        over = f" over {self.calls} calls" if self.calls > 1 else ""
+        out = []
+        if self.reused:
+            out.append(f"step cache reused {self.reused} of {self.reused + self.computed} denoiser computations{over}")
+        if self.token_calls:
+            ratio = statistics.mean(self.token_ratios)
+            where = f" in {self.token_calls} of {self.calls} calls" if self.calls > 1 else ""
+            out.append(f"token reduction removed {ratio:.0%} of the tokens in {self.token_blocks} blocks{where}")
+        if self.approx_hits:
+            sim = min(self.approx_similarity)
+            hits = f" in {self.approx_hits} of {self.calls} calls" if self.calls > 1 else ""
+            out.append(f"approximate cache started from a stored latent of a similar prompt{hits} (similarity "
+                       f"{'>= ' if self.approx_hits > 1 else ''}{sim:.3f}), skipping {self.approx_skipped} of "
+                       f"{self.approx_steps} steps")
+        if self.sparse_calls:
+            density = (f"{statistics.mean(self.densities):.3g}" if self.densities else "unknown")
+            out.append(f"sparse attention ran {self.sparse_calls} of {self.attention_calls} attention calls{over} at "
+                       f"density {density} ({', '.join(sorted(self.backends))})")
+        return out
+
+
 def engaged(stats: dict) -> list[str]:
-    """One line per technique that did work in the last call (empty: nothing engaged)."""
-    out = []
-    cache = stats.get("cache") or {}
-    if cache.get("reused"):
-        out.append(f"step cache reused {cache['reused']} of {cache['reused'] + cache.get('computed', 0)} "
-                   "denoiser computations")
-    tokens = stats.get("tokens") or {}
-    if tokens.get("average_removed"):
-        out.append(f"token reduction removed {tokens.get('realised_ratio', 0):.0%} of the tokens in "
-                   f"{tokens.get('reduced_blocks', 0)} blocks")
-    approx = stats.get("approx") or {}
-    if approx.get("hit"):
-        out.append(f"approximate cache started from a stored latent of a similar prompt (similarity "
-                   f"{approx['similarity']:.3f}), skipping {approx['skipped_steps']} of {approx['total_steps']} steps")
-    attention = stats.get("attention") or {}
-    if attention.get("sparse_calls"):
-        out.append(f"sparse attention ran {attention['sparse_calls']} calls at density "
-                   f"{attention.get('realised_density')} ({attention.get('backend')})")
-    return out
+    """One line per technique that did work in the call ``stats`` describes (empty: nothing engaged);
+    `Engaged` sums a row of many calls."""
+    return Engaged().add(stats).lines()
 
 
 def _device() -> str:

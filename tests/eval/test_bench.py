@@ -41,6 +41,50 @@ def test_rows_measure_time_fidelity_and_what_engaged(flux_work):
     assert accel.is_applied(flux_work.pipe) is False  # every row restored the pipeline
 
 
+def test_what_engaged_is_summed_over_every_call_of_a_row(flux_work):
+    """The first call reuses steps, the last (2 steps, inside the warm-up) reuses none: the row still reads
+    engaged, with the counts of both calls, and its table cell is not "nothing engaged"."""
+    import dataclasses
+
+    first, last = flux_work.calls
+    short = dataclasses.replace(last, kwargs={**last.kwargs, "num_inference_steps": 2})
+    work = dataclasses.replace(flux_work, calls=[first, short])
+    cfg = accel.Config.from_dict({"cache": {"method": "block", "interval": 2, "warmup_steps": 2}})
+    accel.apply(work.pipe, cfg)
+    try:
+        per_call = []
+        for call in work.calls:
+            work.pipe(**call.kwargs, generator=torch.Generator().manual_seed(call.seed))
+            per_call.append(accel.stats(work.pipe)["cache"])
+    finally:
+        accel.remove(work.pipe)
+    assert per_call[0]["reused"] > 0 and per_call[1]["reused"] == 0  # only the first call reuses
+    reused = sum(c["reused"] for c in per_call)
+    total = reused + sum(c["computed"] for c in per_call)
+
+    results, _ = bench.run(work, [bench.Row("off (baseline)", "baseline"), bench.Row("cached", "config", cfg)],
+                           repeats=1, progress=False)
+    row = results[1]
+    assert row.per_call_psnr[0] is not None and row.per_call_psnr[1] is None  # only the first output changed
+    assert row.engaged == [f"step cache reused {reused} of {total} denoiser computations over 2 calls"]
+    assert "nothing engaged" not in bench.table(results)
+
+
+def test_engaged_sums_calls_and_names_the_share_of_calls():
+    from accel.eval.compare import Engaged, engaged
+
+    hit = {"cache": {"reused": 3, "computed": 7}, "tokens": {"average_removed": 64.0, "realised_ratio": 0.25,
+                                                             "reduced_blocks": 2},
+           "attention": {"sparse_calls": 4, "dense_calls": 1, "realised_density": 0.5, "backend": "sdpa"}}
+    miss = {"cache": {"reused": 0, "computed": 10}, "tokens": {"average_removed": 0.0},
+            "attention": {"sparse_calls": 0, "passthrough_calls": 5}}
+    assert engaged(miss) == []
+    lines = Engaged().add(hit).add(miss).lines()
+    assert lines == ["step cache reused 3 of 20 denoiser computations over 2 calls",
+                     "token reduction removed 25% of the tokens in 2 blocks in 1 of 2 calls",
+                     "sparse attention ran 4 of 10 attention calls over 2 calls at density 0.5 (sdpa)"]
+
+
 def test_a_row_that_fails_is_reported_and_the_rest_still_run(flux_work):
     class Broken:
         name = "broken"
