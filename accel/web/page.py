@@ -15,11 +15,12 @@ keeps the preset's value. The page sends all of its knobs, so it runs what its c
 
 Safe by default: the server binds 127.0.0.1, every request is checked against `Limits` (a request
 over a limit gets an error and the server keeps serving), files are served only from the output
-folder, and the page cannot name another model unless ``--allow-model-paths`` is given. Stop sets
-the stop flag of the page's run, the pipeline stops at the end of the current step, the page says
-"stopped after N of M steps", and the worker is free for the next request; a closed tab or a dropped
-API client stops its run the same way. History is read back from the output folder's sidecars when
-a page opens.
+folder (gradio's cache of what the page shows is a folder inside it, and the server takes no
+uploads: `accel.web.files`), and the page cannot name another model unless ``--allow-model-paths``
+is given. Stop sets the stop flag of the page's run, the pipeline stops at the end of the current
+step, the page says "stopped after N of M steps", and the worker is free for the next request; a
+closed tab or a dropped API client stops its run the same way. History is read back from the output
+folder's sidecars when a page opens.
 """
 
 # No `from __future__ import annotations`: gradio reads the handlers' annotations (gr.SelectData)
@@ -49,6 +50,7 @@ from .controls import (
 )
 from .engine import Engine
 from .examples import example_prompts, placeholder
+from .files import RefuseUploads, own_cache, use_cache
 from .limits import Limits
 from .run import BASE_INPUTS, HISTORY_SIZE, handler
 from .stop import Runs
@@ -77,6 +79,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
 
     engine = Engine(pipe_or_loader, model_name, limits=limits, out_dir=out_dir, workers=workers, group=group,
                     allow_model_paths=allow_model_paths, approx_cache=approx_cache)
+    cache = own_cache(engine.out_dir)  # gradio's copies go inside the output folder, not the shared temp folder
     lim = engine.limits
     d = engine.defaults()
     family, video = engine.primary.family, engine.primary.video
@@ -97,7 +100,9 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
     concurrency = len(engine.workers)
     runs = Runs()
 
-    with gr.Blocks(title=f"accel: {model_name}", analytics_enabled=False) as demo:
+    # gradio's copies of the outputs it shows leave its cache a day after they were last shown, and all of them
+    # when the server stops
+    with gr.Blocks(title=f"accel: {model_name}", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## accel — {model_name} ({family}, {'video' if video else 'image'})  \n"
                     "Generate with the acceleration below, or **Compare** to run the unaccelerated baseline "
                     "with the same seed beside it.")
@@ -228,7 +233,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
         demo.load(load_history, outputs=[history, history_gallery], **ui)
 
     demo.queue(max_size=lim.max_queue, default_concurrency_limit=concurrency)
-    demo.accel_engine = engine
+    demo.accel_engine, demo.accel_cache = engine, cache
     return demo
 
 
@@ -255,14 +260,18 @@ def _config_file(engine: Engine, cfg) -> str:
 def serve(demo, host: str = "127.0.0.1", port: int | None = None, *, block: bool = True, quiet: bool = False):
     """Launch ``demo`` (from `build_app`) on ``port`` (None: a free one); with ``block=False`` return
     its URL once it serves (stop it with ``demo.close()``)."""
+    from starlette.middleware import Middleware  # gradio's web framework, imported with it
+
     engine: Engine = demo.accel_engine
     if port is None:
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
+    use_cache(demo.accel_cache)  # the server's own cache folder is this app's (`accel.web.files`)
     _, url, _ = demo.launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet, share=False,
         allowed_paths=[str(engine.out_dir)], show_error=False, ssr_mode=False, mcp_server=False, pwa=False,
-        enable_monitoring=False, max_file_size="1mb",
+        enable_monitoring=False, max_file_size="1mb", run_history=False,
+        app_kwargs={"middleware": [Middleware(RefuseUploads)]},
     )
     return url

@@ -310,6 +310,77 @@ def test_files_are_served_only_from_the_output_folder(image_app, tmp_path):
     assert status(Path(accel.__file__)) in (403, 404)
 
 
+def _status(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None):
+    """The HTTP status and body of one request to the app."""
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_gradio_keeps_its_copies_inside_the_output_folder(image_app, tmp_path, monkeypatch):
+    """Gradio copies what the page shows into its cache: that cache is a folder inside --out-dir, so a file
+    another gradio app left in gradio's shared default folders is not served."""
+    import tempfile
+
+    cache = image_app.engine.out_dir / ".gradio-cache"
+    assert Path(image_app.demo.server_app.uploaded_file_dir) == cache
+    raw = Client(image_app.url, verbose=False, download_files=False)  # the server's paths, not local copies
+    try:
+        answer = raw.predict(prompt="a cat", steps=1, api_name="/generate")
+    finally:
+        raw.close()
+    (item,) = answer[2]
+    shown = Path(item["image"]["path"])
+    assert shown.parent.parent == cache and shown.name == Path(answer[6][0]["path"]).name
+    assert _status(f"{image_app.url}gradio_api/file={shown}")[0] == 200
+    # another app's files in gradio's defaults: the shared temp folder, and the examples cache under the cwd
+    other = Path(tempfile.gettempdir()) / "gradio" / uuid.uuid4().hex / "other-app.png"
+    other.parent.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    examples = tmp_path / ".gradio" / "cached_examples" / "other-app.png"
+    examples.parent.mkdir(parents=True)
+    try:
+        for path in (other, examples):
+            Image.new("RGB", (8, 8)).save(path)
+            assert _status(f"{image_app.url}gradio_api/file={path}")[0] in (403, 404)
+    finally:
+        other.unlink()
+        other.parent.rmdir()
+    # gradio would fetch a URL for the caller: refused, the server reads only its output folder
+    assert _status(f"{image_app.url}gradio_api/file=https://example.com/a.png")[0] == 403
+    assert _status(f"{image_app.url}gradio_api/runs")[0] == 404  # gradio's run history: History is the app's
+
+
+def test_gradio_cache_is_emptied_when_the_app_starts(image_app, tmp_path):
+    stale = tmp_path / ".gradio-cache" / "0123abcd" / "from-an-earlier-run.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    demo = build_app(image_app.engine.primary.pipe, "tiny-sd15", limits=LIMITS, out_dir=tmp_path)
+    try:
+        assert not stale.exists() and not stale.parent.exists()
+        assert demo.accel_cache == tmp_path.resolve() / ".gradio-cache" and demo.accel_cache.is_dir()
+    finally:
+        demo.close()
+        from accel.web.files import use_cache
+
+        use_cache(image_app.demo.accel_cache)  # the module's app goes on with its own cache
+
+
+def test_uploads_are_refused_and_the_server_keeps_serving(image_app):
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"page.html\"\r\n"
+            f"Content-Type: text/html\r\n\r\n<b>not from this app</b>\r\n--{boundary}--\r\n").encode()
+    form = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    for route in ("upload", "upload?upload_id=x", "process_recording", "component_server"):
+        code, text = _status(f"{image_app.url}gradio_api/{route}", "POST", body, form)
+        assert code == 403 and text == b"this app takes no file uploads", route
+    assert not list(image_app.engine.out_dir.rglob("page.html"))  # stored nowhere
+    assert image_app.call(prompt="a cat", steps=1)["result"]
+
+
 def test_video_generate_and_compare(video_app):
     r = video_app.call(prompt="a ball moving right", steps=2, frames=5, fps=4)
     (item,) = r["result"]
