@@ -13,7 +13,7 @@ from ._lazy import lazy
 _EXPORTS = {
     **dict.fromkeys(("apply", "remove", "applied", "stats", "is_applied", "config_of"), ".api"),
     "AttentionConfig": ".attention.config", "CacheConfig": ".cache.config", "TokenConfig": ".tokens.config",
-    "ApproxCacheConfig": ".approx.config", "ApproxCache": ".approx.store",
+    "ApproxCacheConfig": ".approx.config", "ApproxCache": ".approx.store", "SolverConfig": ".solver.config",
     **dict.fromkeys(("Config", "available_presets", "preset"), ".config"), "ConfigError": ".config_base",
     **dict.fromkeys(("FAMILIES", "UnsupportedModelError"), ".families"),
     "ParallelConfig": ".parallel.config", "parallelize": ".parallel.api",
@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "apply", "remove", "applied", "stats", "is_applied", "config_of",
-    "Config", "CacheConfig", "TokenConfig", "AttentionConfig", "ApproxCacheConfig", "ApproxCache", "ConfigError",
+    "Config", "CacheConfig", "TokenConfig", "AttentionConfig", "ApproxCacheConfig", "ApproxCache", "SolverConfig",
+    "ConfigError",
     "preset", "available_presets", "FAMILIES", "UnsupportedModelError",
     "parallelize", "ParallelConfig",
 ]

@@ -20,11 +20,12 @@ from .cache.record import TECHNIQUE as _CACHE
 from .config_base import FILE_FORMATS, ConfigBase, ConfigError, read_mapping, spec
 from .families import FAMILIES
 from .presets import DEFAULT_PRESET, PRESET_ORDER
+from .solver.record import TECHNIQUE as _SOLVER
 from .technique import Technique
 from .tokens.record import TECHNIQUE as _TOKENS
 
 # Every technique, in the order users meet them (Config's fields, config files, errors, --help).
-TECHNIQUES: tuple[Technique, ...] = (_CACHE, _TOKENS, _ATTENTION, _APPROX)
+TECHNIQUES: tuple[Technique, ...] = (_CACHE, _TOKENS, _ATTENTION, _APPROX, _SOLVER)
 # The technique sections of a Config (and of a config file), in that order.
 TECHNIQUE_SECTIONS = tuple(t.section for t in TECHNIQUES)
 __all__ = ["Config", "DEFAULT_PRESET", "PRESET_ORDER", "TECHNIQUES", "TECHNIQUE_SECTIONS", "SweepRow",
@@ -103,7 +104,7 @@ class _Root(ConfigBase):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Config":
-        return cls.from_dict(read_mapping(path))
+        return cls.from_dict(anchor_paths(read_mapping(path), path))
 
 
 Config = dataclasses.make_dataclass(
@@ -112,6 +113,22 @@ Config = dataclasses.make_dataclass(
     namespace={"__module__": __name__,
                "__doc__": "Everything `accel.apply` does to a pipeline: one sub-config per technique (all off by "
                           f"default); its fields are the `TECHNIQUES` sections: {', '.join(TECHNIQUE_SECTIONS)}."})
+
+
+def anchor_paths(data: dict, config_file: str | os.PathLike) -> dict:
+    """A config file's sections with each technique's path fields (`Technique.paths`: the fitted scheduler's
+    folder) read relative to the file's own folder, so the file works from any current folder."""
+    folder = Path(config_file).resolve().parent
+    out = dict(data)
+    for t in TECHNIQUES:
+        section = out.get(t.section)
+        if not isinstance(section, dict):
+            continue
+        for name in t.paths:
+            value = section.get(name)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                out[t.section] = section = {**section, name: str(folder / value)}
+    return out
 
 
 def _format_of(path: Path) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import TECHNIQUE_SECTIONS, Config, preset
+from .config import TECHNIQUE_SECTIONS, Config, anchor_paths, preset
 from .config_base import ConfigError, read_mapping
 from .parallel.config import ParallelConfig
 
@@ -81,7 +81,7 @@ def _read_config_file(path, engine_tables: dict[str, tuple[str, ...]]) -> tuple[
             raise ConfigError(f"--config {str(path)!r}: {name}.{bad[0]}: unknown setting; settings are "
                               f"{', '.join(allowed)}")
         tables[name] = table
-    return tables, {k: v for k, v in data.items() if k in TECHNIQUE_SECTIONS}
+    return tables, {k: v for k, v in anchor_paths(data, p).items() if k in TECHNIQUE_SECTIONS}
 
 
 def _parse_sets(sets: list[str]) -> dict:

@@ -6,7 +6,8 @@ denoiser) watches instead of asking, for every user at once (`accel.apply` and `
 hold a `LoopView` of it), and publishes:
 
 - the pipeline call (``on_call_enter`` / ``on_call_exit``), with its bound arguments: the instance's class is
-  swapped for a subclass of the same name whose ``__call__`` reports the call;
+  swapped for a subclass of the same name whose ``__call__`` reports the call; before that, ``on_call_args``
+  listeners may replace arguments (a tuned config's step count);
 - the timesteps set (``on_timesteps``, then ``on_call_start``): every diffusers pipeline calls
   ``scheduler.set_timesteps`` once before its loop; this starts the loop's state (step 0, ``total_steps``);
 - each denoiser forward (``on_forward``), from a hook outermost on the denoiser: which denoiser, its step,
@@ -39,7 +40,7 @@ from .patching import Ledger
 
 HOOK_NAME = "accel.loop"  # one per view, outside that view's user's hooks; the last attached view's acts
 INPUTS_HOOK = "accel.loop.inputs"  # outermost of accel.apply's hooks: the inputs its techniques see
-EVENTS = ("call_enter", "call_exit", "timesteps", "call_start", "forward", "step_end")
+EVENTS = ("call_args", "call_enter", "call_exit", "timesteps", "call_start", "forward", "step_end")
 _ATTR = "_accel_loop"
 
 
@@ -121,6 +122,8 @@ class LoopView:
         """The name the pipeline itself gave ``cache_context`` for the running forward, if any."""
         return self.observer.context_name
 
+    on_call_args = _listener("call_args", "``fn(args) -> dict``: before the call, the arguments to replace (by name; "
+                                          "{} for none), given the bound arguments.")
     on_call_enter = _listener("call_enter", "``fn(call)`` when the pipeline's ``__call__`` starts, before it runs.")
     on_call_exit = _listener("call_exit", "``fn(call)`` when the pipeline's ``__call__`` returns or raises.")
     on_timesteps = _listener("timesteps", "``fn(scheduler)`` right after ``set_timesteps``, before the loop's state "
@@ -223,6 +226,7 @@ class LoopObserver:
         def __call__(this, *args, **kwargs):
             if this is not self.pipe or self.call is not None:  # a copy of the pipeline, or a nested call
                 return original(this, *args, **kwargs)
+            args, kwargs = self._replace_args(signature, this, args, kwargs)
             self._enter_call(signature, this, args, kwargs)
             try:
                 return original(this, *args, **kwargs)
@@ -281,6 +285,26 @@ class LoopObserver:
         return cache_context
 
     # --- events -------------------------------------------------------------------------------
+    def _replace_args(self, signature, this, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call's arguments with the ``call_args`` listeners' replacements (unchanged when none)."""
+        fns = [fn for view in self.views for fn in view.listeners["call_args"]]
+        if not fns:
+            return args, kwargs
+        bound_args = _bound_arguments(signature, this, args, kwargs)
+        changes = {}
+        for fn in fns:
+            changes.update(fn(bound_args) or {})
+        if not changes:
+            return args, kwargs
+        bound = signature.bind(this, *args, **kwargs)
+        varkw = next((n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        for name, value in changes.items():
+            if name in signature.parameters and name != varkw:
+                bound.arguments[name] = value
+            elif varkw is not None:
+                bound.arguments[varkw] = {**bound.arguments.get(varkw, {}), name: value}
+        return bound.args[1:], bound.kwargs
+
     def _enter_call(self, signature, this, args, kwargs) -> None:
         scheduler = getattr(self.pipe, "scheduler", None)
         if self._watching_scheduler and scheduler is not self._scheduler and hasattr(scheduler, "set_timesteps"):

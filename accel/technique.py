@@ -94,6 +94,7 @@ class Technique:
         sweep: its knobs for ``accel bench --sweep`` and ``accel tune``.
         tuned: ``accel tune`` screens its knobs and writes its section into the tuned file.
         web: the web app shows its fields as controls.
+        paths: fields holding a path, which a config file gives relative to its own folder.
     """
 
     section: str
@@ -105,6 +106,7 @@ class Technique:
     sweep: tuple[Knob, ...] = ()
     tuned: bool = False
     web: bool = True
+    paths: tuple[str, ...] = ()
 
     def preset_fields(self, name: str, family: str | None = None) -> dict | None:
         """The technique's fields for preset ``name`` on ``family``; None when the preset leaves it off.

@@ -64,6 +64,9 @@ def cmd_tune(args) -> int:
         print(bench.table(outcome.final))
     if outcome.stopped:
         print(f"\nStopped early ({outcome.stopped}): the pick is the best of what was measured.")
+    for note in outcome.notes:
+        print(f"\nNote: {note}.")
+    outcome = _keep_olss(outcome, out)
     text = config_text(outcome, model=args.model, floor=args.min_psnr, calls=len(work.calls))
     if out.suffix.lower() not in (".yaml", ".yml"):
         text = outcome.pick_config.text_for(out)
@@ -91,3 +94,20 @@ def cmd_tune(args) -> int:
                                                "screened": [dataclasses.asdict(r) for r in outcome.screened],
                                                "final": [dataclasses.asdict(r) for r in outcome.final]})
     return 0
+
+
+def _keep_olss(outcome, out: Path):
+    """A picked OLSS scheduler is copied beside the tuned config (``tuned.olss/`` for ``tuned.yaml``) and the
+    config names it relative to the file, so the two move together."""
+    import shutil
+
+    solver = outcome.pick_config.solver
+    if solver.scheduler != "olss":
+        return outcome
+    folder = out.with_name(f"{out.stem}.olss")
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(solver.olss, folder)
+    print(f"Wrote the fitted scheduler to {folder}/ (solver.olss in the config names it; keep them together).")
+    return dataclasses.replace(outcome, pick_config=outcome.pick_config.replace(solver={"olss": folder.name}))
+

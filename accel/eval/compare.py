@@ -31,6 +31,8 @@ class Engaged:
         self.sparse_calls = self.attention_calls = 0
         self.densities: list[float] = []
         self.backends: set[str] = set()
+        self.solver: dict | None = None  # the last call's sampler, when a config changed it
+        self.solver_calls = 0
 
     def add(self, stats: dict) -> "Engaged":
         self.calls += 1
@@ -54,6 +56,9 @@ class Engaged:
             if attention.get("realised_density") is not None:
                 self.densities.append(attention["realised_density"])
             self.backends.add(str(attention.get("backend")))
+        solver = stats.get("solver") or {}
+        if solver.get("changed"):
+            self.solver, self.solver_calls = solver, self.solver_calls + 1
         self.attention_calls += sum(attention.get(k) or 0 for k in ("sparse_calls", "dense_calls", "passthrough_calls"))
         return self
 
@@ -76,6 +81,11 @@ class Engaged:
             density = (f"{statistics.mean(self.densities):.3g}" if self.densities else "unknown")
             out.append(f"sparse attention ran {self.sparse_calls} of {self.attention_calls} attention calls{over} at "
                        f"density {density} ({', '.join(sorted(self.backends))})")
+        if self.solver:
+            asked = self.solver.get("asked_steps")
+            where = f" in {self.solver_calls} of {self.calls} calls" if self.calls > 1 else ""
+            out.append(f"sampler {self.solver['scheduler']} ran {self.solver['steps']} steps"
+                       + (f" (the call asked {asked})" if asked and asked != self.solver["steps"] else "") + where)
         return out
 
 
@@ -83,6 +93,13 @@ def engaged(stats: dict) -> list[str]:
     """One line per technique that did work in the call ``stats`` describes (empty: nothing engaged);
     `Engaged` sums a row of many calls."""
     return Engaged().add(stats).lines()
+
+
+def within_noise(baseline_range, accelerated_range) -> bool:
+    """Whether a speed-up is within the noise of the machine: the baseline's and the accelerated run's
+    ``[min, max]`` times (`timed_pair`'s ``*_range``) overlap, so the runs do not tell the two apart."""
+    (b0, b1), (a0, a1) = baseline_range, accelerated_range
+    return a0 <= b1 and b0 <= a1
 
 
 def _device() -> str:

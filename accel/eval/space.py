@@ -115,3 +115,43 @@ def _value(text: str):
         except ValueError:
             pass
     return text
+
+
+STEP_FRACTIONS = (0.8, 0.6, 0.4, 0.25)  # of the baseline's steps, mildest first
+
+
+def step_counts(steps: int) -> list[int]:
+    """The step counts the step axis tries below the baseline's ``steps``, mildest first (at least 2)."""
+    out = []
+    for f in STEP_FRACTIONS:
+        n = max(2, round(steps * f))
+        if n < steps and n not in out:
+            out.append(n)
+    return out
+
+
+def solver_settings(pipe, steps: int) -> tuple[list[Setting], str | None]:
+    """The step axis: the pipeline's own scheduler and each solver for its model (`accel.solver.candidates`) at
+    `step_counts`, one knob per scheduler, mildest first. Returns (rows, why there are none)."""
+    from ..solver.schedulers import candidates, takes_steps
+
+    why = takes_steps(pipe)
+    if why:
+        return [], why
+    counts = step_counts(steps)
+    if not counts:
+        return [], f"the baseline runs {steps} step(s): nothing fewer to try"
+    own = type(pipe.scheduler).__name__
+    rows = [Setting(f"steps {n} ({own})", Config.from_dict({"solver": {"steps": n}}), "solver:own", i)
+            for i, n in enumerate(counts)]
+    for name in candidates(pipe.scheduler):
+        rows += [Setting(f"steps {n} {name}", Config.from_dict({"solver": {"scheduler": name, "steps": n}}),
+                         f"solver:{name}", i) for i, n in enumerate(counts)]
+    return rows, None
+
+
+def olss_settings(folders: dict[int, str]) -> list[Setting]:
+    """The OLSS rows: one fitted scheduler per step count (``{steps: folder}``), mildest first."""
+    return [Setting(f"steps {n} olss", Config.from_dict({"solver": {"scheduler": "olss", "olss": folder}}),
+                    "solver:olss", i) for i, (n, folder) in enumerate(sorted(folders.items(), reverse=True))]
+

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +49,7 @@ from .clock import error_line
 
 SECTIONS = tuple(t.section for t in TECHNIQUES if t.tuned)  # the sections a search screens
 QUANTILES = (0.3, 0.5, 0.7, 0.85)
+OLSS_RUNS = 4  # full runs of the baseline an OLSS scheduler is fitted from
 
 
 def parse_duration(text: str) -> float:
@@ -88,6 +91,7 @@ class Outcome:
     final: list[bench.Result]
     thresholds: list[float]
     stopped: str | None  # why the search ended early ("time budget", "interrupted") or None
+    notes: list = dataclasses.field(default_factory=list)  # what the search left out, and why
 
 
 def _row(s: space.Setting) -> bench.Row:
@@ -100,10 +104,43 @@ def _stack(a: space.Setting, b: space.Setting) -> space.Setting:
     return space.Setting(f"{a.label} + {b.label}", Config.from_dict(parts), "stack")
 
 
+def _step_axis(work: bench.Workload, workdir: str | None, notes: list, log: Callable) -> list[space.Setting]:
+    """The step axis's rows: each solver at fewer steps, and OLSS schedulers fitted on the first `OLSS_RUNS`
+    calls (saved under ``workdir``); ``notes`` gets why the axis, or OLSS, is left out."""
+    rows, why = space.solver_settings(work.pipe, work.steps)
+    if why:
+        notes.append(f"step axis: left out ({why}); tuned without it")
+        log(notes[-1])
+        return []
+    from ..solver.olss import fit_olss, record_trajectories
+
+    folder = Path(workdir or tempfile.mkdtemp(prefix="accel-tune-"))
+    calls = work.calls[:OLSS_RUNS]
+    t = time.monotonic()
+    try:
+        traj = record_trajectories(work.pipe, [(c.kwargs, c.seed) for c in calls])
+        fitted = {}
+        for n in space.step_counts(work.steps):
+            out = folder / f"olss-{n}"
+            fit_olss(traj, n).save_pretrained(out)
+            fitted[n] = str(out)
+    except (ValueError, RuntimeError) as e:
+        notes.append(f"OLSS: left out ({error_line(e)})")
+        log(notes[-1])
+        return rows
+    log(f"OLSS: fitted {len(fitted)} schedulers ({', '.join(map(str, fitted))} steps) from {len(calls)} full "
+        f"run(s) of {work.steps} steps in {time.monotonic() - t:.1f}s")
+    return rows + space.olss_settings(fitted)
+
+
 def search(work: bench.Workload, floor: float, *, budget_s: float | None = None, repeats: int = 2,
-           shortlist: int = 3, progress: bool = True, log: Callable = print) -> Outcome:
-    """Screen, stack and time the settings for ``work`` (see the module's docstring)."""
+           shortlist: int = 3, progress: bool = True, log: Callable = print, steps_axis: bool = True,
+           workdir: str | None = None) -> Outcome:
+    """Screen, stack and time the settings for ``work`` (see the module's docstring). ``steps_axis``: also
+    search the step count and the solver; ``workdir``: where fitted OLSS schedulers go (a temporary folder
+    by default; `accel tune` copies the pick's beside the tuned config)."""
     t0 = time.monotonic()
+    notes: list[str] = []
     sampler = bench._Sampler(work)
     base = bench.Row("off (baseline)", "baseline")
     results: dict[str, bench.Result] = {}
@@ -145,30 +182,44 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
             thresholds = calibrate_thresholds(work)
             if thresholds:
                 log(f"calibrated block-cache thresholds on your prompts: {', '.join(f'{t:g}' for t in thresholds)}")
-            groups: dict[str, list[space.Setting]] = {}
-            for s in (space.preset_settings(work.family)
-                      + [r for sec in SECTIONS for r in space.settings(work.family, sec, thresholds or None)]):
-                groups.setdefault(s.technique, []).append(s)
             best: dict[str, space.Setting] = {}  # technique -> fastest passing single setting
-            for tech, group in groups.items():
-                for s in sorted(group, key=lambda s: s.order):
-                    if out_of_time():
-                        raise TimeoutError
-                    if s.technique == "preset" and any(s.config == settings[k].config for k in settings):
-                        continue  # a preset equal to one already screened (off on this family)
-                    if s.technique == "preset" and not s.config.enabled:
-                        continue
-                    r = screen(s)
-                    if not r.meets(floor):
-                        if tech != "preset":
-                            break  # the rest of this knob removes more
-                        continue
-                    key = tech.split(":")[0]
-                    if key != "preset" and (key not in best or r.seconds < results[best[key].label].seconds):
-                        best[key] = s
+
+            def screen_knobs(rows: list[space.Setting]) -> None:
+                groups: dict[str, list[space.Setting]] = {}
+                for s in rows:
+                    groups.setdefault(s.technique, []).append(s)
+                for tech, group in groups.items():
+                    for s in sorted(group, key=lambda s: s.order):
+                        if out_of_time():
+                            raise TimeoutError
+                        if s.technique == "preset" and any(s.config == settings[k].config for k in settings):
+                            continue  # a preset equal to one already screened (off on this family)
+                        if s.technique == "preset" and not s.config.enabled:
+                            continue
+                        r = screen(s)
+                        if not r.meets(floor):
+                            if tech != "preset":
+                                break  # the rest of this knob removes more
+                            continue
+                        key = tech.split(":")[0]
+                        if key != "preset" and (key not in best or r.seconds < results[best[key].label].seconds):
+                            best[key] = s
+
+            screen_knobs(space.preset_settings(work.family)
+                         + [r for sec in SECTIONS for r in space.settings(work.family, sec, thresholds or None)])
             for extra in ("tokens", "attention"):
                 if "cache" in best and extra in best and not out_of_time():
                     screen(_stack(best["cache"], best[extra]))
+            if steps_axis:
+                rows = _step_axis(work, workdir, notes, log)
+                screen_knobs(rows)
+                tried = [results[s.label] for s in rows if s.label in results]
+                if tried and all(r.error for r in tried):
+                    notes.append(f"step axis: no solver ran on this pipeline ({tried[0].error}); tuned without it")
+                    log(notes[-1])
+                for extra in ("cache", "tokens", "attention"):  # the cache's schedule follows the new step count
+                    if "solver" in best and extra in best and not out_of_time():
+                        screen(_stack(best["solver"], best[extra]))
             if out_of_time():
                 raise TimeoutError
     except TimeoutError:
@@ -199,7 +250,7 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
     pick = presets.pick(ranked, psnr="psnr_worst")
     best_preset = presets.pick([r for r in ranked if r.kind == "preset"], psnr="psnr_worst")
     return Outcome(pick, settings[pick.label].config if pick else Config(), best_preset,
-                   list(results.values()), final, thresholds, stopped)
+                   list(results.values()), final, thresholds, stopped, notes)
 
 
 def config_text(outcome: Outcome, *, model: str, floor: float, calls: int) -> str:
