@@ -72,7 +72,7 @@ class Ledger:
             had_forward = module.__dict__.get("forward", _MISSING)
             registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.register_hook(hook, name)
-        registry.invalidate_child_registries_cache()
+        _invalidate_child_registries(module)
 
         def undo():
             with _forward_slot(module):
@@ -83,9 +83,7 @@ class Ledger:
             if not registry.hooks and not had_registry:
                 module.__dict__.pop("_diffusers_hook", None)
             # A parent's cached list of child registries may still name this one.
-            for m in module.modules():
-                if "_diffusers_hook" in m.__dict__:
-                    m._diffusers_hook._child_registries_cache = None
+            _invalidate_child_registries(module)
 
         self._undo.append(undo)
 
@@ -103,6 +101,18 @@ class Ledger:
                 errors.append(e)
         if errors:
             raise RuntimeError(f"accel.remove: {len(errors)} undo step(s) failed; first: {errors[0]!r}") from errors[0]
+
+
+def _invalidate_child_registries(module: torch.nn.Module) -> None:
+    """Drop the cached child-registry lists in ``module``'s tree after a hook came or went.
+
+    diffusers 0.38 on caches them in ``HookRegistry._child_registries_cache`` (0.41 on also clears them with
+    ``invalidate_child_registries_cache``, which this does by hand); 0.36 and 0.37 cache nothing, and the
+    attribute is then unused.
+    """
+    for m in module.modules():
+        if "_diffusers_hook" in m.__dict__:
+            m._diffusers_hook._child_registries_cache = None
 
 
 @contextlib.contextmanager

@@ -194,7 +194,7 @@ def test_flux_img2img_with_diffusers_first_block_cache(tiny_cache):
     ref = call()
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
     try:
-        with pytest.raises(ValueError, match="No cache context"):
+        with pytest.raises(ValueError, match="No (cache )?context is set"):  # < 0.41: "No context is set"
             call()
     finally:
         pipe.transformer.disable_cache()
