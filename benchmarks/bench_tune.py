@@ -1,4 +1,4 @@
-"""`accel tune` against the presets, on prompts it never saw.
+"""`accel tune` against the presets and against its own search without the step axis, on prompts it never saw.
 
 For each trained reference model: `accel tune`'s search (`accel.eval.tune.search`) picks a setting on
 ``--tune-prompts`` held-out prompts at the floor; then the baseline, the pick and every preset run
@@ -21,7 +21,8 @@ from accel.pipelines.load import load
 from accel.pipelines.ref import data as shapes
 
 
-def run_model(model: str, floor: float, n_tune: int, n_eval: int, repeats: int, steps: int | None) -> None:
+def run_model(model: str, floor: float, n_tune: int, n_eval: int, repeats: int, steps: int | None,
+              with_cache_only: bool = True) -> None:
     pipe = load(model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     held = bench.workload(pipe, model, n_prompts=n_eval, steps=steps, device="cpu")  # the default held-out set
@@ -36,6 +37,11 @@ def run_model(model: str, floor: float, n_tune: int, n_eval: int, repeats: int, 
     rows = [bench.Row("off (baseline)", "baseline")]
     if pick:
         rows.append(bench.Row(f"tuned: {pick.label}", "config", outcome.pick_config))
+    if with_cache_only:  # the same search without the step axis: what the caches alone reach
+        alone = tune.search(tuning, floor, repeats=repeats, progress=False, log=lambda m: None, steps_axis=False)
+        if alone.pick:
+            print(f"  cache/token-only pick: {alone.pick.label} ({alone.pick.speedup:.2f}x on the tuning prompts)")
+            rows.append(bench.Row(f"tuned without steps: {alone.pick.label}", "config", alone.pick_config))
     rows += [bench.Row(s.label, "preset", s.config) for s in space.preset_settings(held.family)]
     results, _ = bench.run(held, rows, repeats=repeats, progress=False)
     env = bench.environment("cpu")
@@ -50,6 +56,11 @@ def run_model(model: str, floor: float, n_tune: int, n_eval: int, repeats: int, 
     verdict += (f"fastest preset meeting it: {best.label} {best.speedup:.2f}x" if best else "no preset meets it")
     if tuned and best:
         verdict += f"; tuned / preset speed: {best.seconds / tuned.seconds:.2f}"
+    alone = next((r for r in results if r.label.startswith("tuned without steps")), None)
+    if tuned and alone:
+        verdict += (f"; without the step axis: {alone.label[len('tuned without steps: '):]} "
+                    f"{alone.speedup:.2f}x, worst {bench._fmt_db(alone.psnr_worst)} dB (meets: {alone.meets(floor)}); "
+                    f"tuned / it speed: {alone.seconds / tuned.seconds:.2f}")
     print(f"\n{verdict}\n", flush=True)
 
 
@@ -61,10 +72,12 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
+    ap.add_argument("--no-cache-only", action="store_true", help="skip the search without the step axis")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # CPU time of a 1-thread run does not inflate with other jobs' load
     for model in args.models:
-        run_model(model, args.floor, args.tune_prompts, args.prompts, args.repeats, args.steps)
+        run_model(model, args.floor, args.tune_prompts, args.prompts, args.repeats, args.steps,
+                  not args.no_cache_only)
 
 
 if __name__ == "__main__":

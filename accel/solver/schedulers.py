@@ -47,8 +47,8 @@ def build(name: str, base):
         raise ValueError(f"solver.scheduler {name!r} is not for a {kind} model ({type(base).__name__}); "
                          f"use one of {', '.join(candidates(base))}")
     config = dict(base.config)
-    if name == "ddim":
-        return diffusers.DDIMScheduler.from_config(config)
+    if name == "ddim":  # DDIM clips its x0 estimate to [-1, 1] unless told: latents are not in that range
+        return diffusers.DDIMScheduler.from_config(config, clip_sample=config.get("clip_sample", False))
     if name == "dpm++2m":
         return diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     if name == "unipc":
