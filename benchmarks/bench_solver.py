@@ -2,7 +2,8 @@
 hand-made solvers at equal steps, on prompts the OLSS fit never saw.
 
 For each model: the baseline is the pipeline as loaded (its scheduler at its step count); OLSS schedulers are
-fitted from ``--fit-prompts`` full runs of it on held-out prompts of one set, and every row (the pipeline's own
+fitted from ``--fit-prompts`` full runs of it on held-out prompts of one set (``olss-plain``: on the teacher's
+outputs; ``olss``: refitted on its own, `accel.solver.olss.refit_olss`), and every row (the pipeline's own
 scheduler, each solver `accel.solver.candidates` offers for the model, OLSS) runs at `accel.eval.space.step_counts`
 on ``--prompts`` held-out prompts of another set (`accel.eval.bench.run`). The work done is the step count.
 
@@ -22,7 +23,7 @@ import torch
 from accel import Config
 from accel.eval import bench, space
 from accel.pipelines.load import load
-from accel.solver import candidates, fit_olss, record_trajectories
+from accel.solver import candidates, fit_olss, record_trajectories, refit_olss
 
 
 def _fit_calls(pipe, model: str, n: int, avoid: set, steps: int | None) -> list[bench.Call]:
@@ -53,19 +54,23 @@ def run_model(model: str, n_fit: int, n_eval: int, repeats: int, steps: int | No
             rows.append(bench.Row(f"{name} {n}", "config",
                                   Config.from_dict({"solver": {"scheduler": name, "steps": n}})))
         t = time.perf_counter()
-        fit_olss(traj, n).save_pretrained(folder / str(n))
+        plain = fit_olss(traj, n)
+        plain.save_pretrained(folder / f"plain-{n}")
+        refit_olss(pipe, [(c.kwargs, c.seed) for c in fit], traj, plain).save_pretrained(folder / str(n))
         fit_s[n] = time.perf_counter() - t
-        rows.append(bench.Row(f"olss {n}", "config",
-                              Config.from_dict({"solver": {"scheduler": "olss", "olss": str(folder / str(n))}})))
+        for label, sub in ((f"olss-plain {n}", f"plain-{n}"), (f"olss {n}", str(n))):
+            rows.append(bench.Row(label, "config",
+                                  Config.from_dict({"solver": {"scheduler": "olss", "olss": str(folder / sub)}})))
     results, _ = bench.run(work, rows, repeats=repeats, progress=False)
     env = bench.environment("cpu")
     print(f"\n### {model}: baseline {own} at {work.steps} steps; {n_eval} held-out prompts, OLSS fitted on {n_fit} "
-          f"others (recording {record_s:.1f}s, fitting {max(fit_s.values()):.2f}s or less per step count); "
+          f"others (recording {record_s:.1f}s, fit and refit {max(fit_s.values()):.2f}s or less per step count; "
+          "olss-plain: fitted on the teacher's outputs only, olss: refitted on its own); "
           f"{env['device_name']}, torch {env['torch']}, diffusers {env['diffusers']}, commit {env['commit']}, "
           f"{env['date']}, median of {repeats}\n")
     print(bench.table(results))
     by = {r.label: r for r in results}
-    names = [own] + list(candidates(pipe.scheduler)) + ["olss"]
+    names = [own] + list(candidates(pipe.scheduler)) + ["olss-plain", "olss"]
     print(f"\nworst-prompt PSNR dB (median) by steps; baseline {work.steps} steps\n")
     print("| scheduler | " + " | ".join(f"{n} steps" for n in counts) + " |")
     print("|---|" + "---|" * len(counts))

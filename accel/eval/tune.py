@@ -112,18 +112,27 @@ def _step_axis(work: bench.Workload, workdir: str | None, notes: list, log: Call
         notes.append(f"step axis: left out ({why}); tuned without it")
         log(notes[-1])
         return []
-    from ..solver.olss import fit_olss, record_trajectories
+    from ..solver.olss import fit_olss, record_trajectories, refit_olss
 
     folder = Path(workdir or tempfile.mkdtemp(prefix="accel-tune-"))
     calls = work.calls[:OLSS_RUNS]
     t = time.monotonic()
     try:
-        traj = record_trajectories(work.pipe, [(c.kwargs, c.seed) for c in calls])
-        fitted = {}
+        runs = [(c.kwargs, c.seed) for c in calls]
+        traj = record_trajectories(work.pipe, runs)
+        fitted, plain = {}, None
         for n in space.step_counts(work.steps):
             out = folder / f"olss-{n}"
-            fit_olss(traj, n).save_pretrained(out)
+            sch = fit_olss(traj, n)
+            try:  # refitted on the student's own model outputs (one batched run of the fit calls)
+                sch = refit_olss(work.pipe, runs, traj, sch)
+            except Exception as e:  # a pipeline that cannot batch these calls keeps the plain fit
+                plain = plain or error_line(e)
+            sch.save_pretrained(out)
             fitted[n] = str(out)
+        if plain:
+            notes.append(f"OLSS: fitted on the teacher's outputs only (the refit's batched run failed: {plain})")
+            log(notes[-1])
     except (ValueError, RuntimeError) as e:
         notes.append(f"OLSS: left out ({error_line(e)})")
         log(notes[-1])
