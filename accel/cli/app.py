@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import importlib.util
+import socket
+
 from ..config import DEFAULT_PRESET
 from ..layering import layered, parallel_config, read_sections
 from ..pipelines.load import DEFAULT_MODEL, quiet_loading
 from ..web.controls import CONFIG_PRESET
 from ..web.limits import FLAGS, Limits
-from .args import UsageError, positive_int
+from .args import UsageError, check_approx_dir, check_output, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -54,21 +58,52 @@ def limits_from_args(args) -> Limits:
     return base.replace(**changes) if changes else base
 
 
-def cmd_app(args) -> int:
+def check_port(host: str, port: int) -> None:
+    """Refuse, before anything loads, an address the server could not listen on (a port in use)."""
     try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise RuntimeError("the web app needs gradio: pip install 'diffusers-accel[app]'") from None
-    with quiet_loading():  # the app loads torch and diffusers; diffusers' first import says nothing to a user
-        from ..web.serve import Options, serve_model
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError):
+        raise UsageError(f"--host {host}: not an address of this machine; give an IP address or a host name") from None
+    except OverflowError:
+        raise UsageError(f"--port {port}: ports go up to 65535") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closing socket is no user
+        try:
+            s.bind((host, port))
+        except OverflowError:
+            raise UsageError(f"--port {port}: ports go up to 65535") from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"--port {port}: {host}:{port} is in use (another server?); give another --port, "
+                                 "or stop the other server") from None
+            if e.errno == errno.EACCES:
+                raise UsageError(f"--port {port}: not allowed to listen there (ports below 1024 need root); "
+                                 "give another --port") from None
+            raise UsageError(f"--host {host}: cannot listen on {host}:{port}: {e.strerror or e}") from None
 
+
+def cmd_app(args) -> int:
+    # Everything that can be refused is refused first, in a moment, before the minutes of imports and loading.
+    if importlib.util.find_spec("gradio") is None:
+        raise RuntimeError("the web app needs gradio: pip install 'diffusers-accel[app]'")
     limits = limits_from_args(args)
     sections = app_config(args)  # a bad --config is refused before the model loads
     pcfg = parallel_config(args.parallel)
     if pcfg is not None and pcfg.world_size > 1 and args.gpus not in (1, pcfg.world_size):
         raise UsageError(f"--gpus {args.gpus}: --parallel {args.parallel} serves one pipeline on "
                          f"{pcfg.world_size} processes; give --gpus {pcfg.world_size} or leave it out")
-    opts = Options(model=args.model or DEFAULT_MODEL, out_dir=args.out_dir, limits=limits, gpus=args.gpus,
+    check_output("--out-dir", args.out_dir, folder=True)
+    if args.approx_cache:
+        check_approx_dir({"approx": {"dir": args.approx_cache}}, "--approx-cache")
+    if sections:
+        check_approx_dir(sections)
+    check_port(args.host, args.port)
+    model = args.model or DEFAULT_MODEL
+    print(f"accel app: loading {model} (importing torch, diffusers and gradio, then the model) ...", flush=True)
+    with quiet_loading():  # the app loads torch and diffusers; diffusers' first import says nothing to a user
+        from ..web.serve import Options, serve_model
+
+    opts = Options(model=model, out_dir=args.out_dir, limits=limits, gpus=args.gpus,
                    device=args.device, dtype=args.dtype, host=args.host, port=args.port,
                    allow_model_paths=args.allow_model_paths, approx_cache=args.approx_cache,
                    config_sections=sections)

@@ -167,7 +167,7 @@ def _compare(args, pipe, cfg, make_kw, out: Path, load_s: float, record: dict) -
     (`accel.eval.compare`), both outputs written; a speed-up is claimed only when some technique engaged."""
     from .. import api
     from ..config import Config
-    from ..eval.compare import report, timed_pair
+    from ..eval.compare import report, timed_pair, within_noise
     from ..io import generate as once
 
     stats: dict = {}
@@ -202,8 +202,10 @@ def _compare(args, pipe, cfg, make_kw, out: Path, load_s: float, record: dict) -
     (b0, b1), (a0, a1) = pair["baseline_range"], pair["accelerated_range"]
     print(f"baseline     {pair['baseline_s']:.3f} s ({b0:.3f}-{b1:.3f} {runs})")
     if did:
+        noise = " (within noise: the ranges overlap)" if within_noise(pair["baseline_range"],
+                                                                       pair["accelerated_range"]) else ""
         print(f"accelerated  {pair['accelerated_s']:.3f} s ({a0:.3f}-{a1:.3f} {runs}): "
-              f"{pair['speedup']:.2f}x faster (preset {_preset(args)})")
+              f"{pair['speedup']:.2f}x faster{noise} (preset {_preset(args)})")
         psnr = "identical" if metrics["psnr"] is None else f"PSNR {metrics['psnr']:.1f} dB"
         print(f"fidelity     {psnr}, SSIM {metrics['ssim']:.4f} against the baseline of the same seed")
         for line in did:

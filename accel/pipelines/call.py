@@ -22,6 +22,20 @@ def is_video(pipe) -> bool:
     return FAMILIES[family_name(pipe)].video
 
 
+def size_multiple(pipe) -> int:
+    """What ``pipe``'s width and height must be a multiple of: one latent pixel per VAE factor, times the
+    denoiser's patch (times 2 where the pipeline packs a fixed 2x2 of latents into a token, as Flux does), and at
+    least 8 (the Stable Diffusion pipelines ask for 8 whatever their VAE)."""
+    factors = (getattr(pipe, n, None) for n in ("vae_scale_factor_spatial", "vae_spatial_compression_ratio",
+                                                "vae_scale_factor"))
+    vae = next((v for v in factors if isinstance(v, int) and v > 0), 8)
+    patch = getattr(getattr(denoisers_of(pipe)[0][1], "config", None), "patch_size", None) or 1
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
+    pack = getattr(pipe, "_pack_latents", None)  # Flux's packs a fixed 2x2; LTX's takes its patch_size
+    packed = 2 if callable(pack) and "patch_size" not in inspect.signature(pack).parameters else 1
+    return max(8, vae * int(patch) * packed)
+
+
 def accepted(pipe) -> set[str]:
     return set(inspect.signature(type(pipe).__call__).parameters)
 

@@ -138,12 +138,27 @@ def api_name(knob: Knob) -> str:
     return f"{knob.section}_{knob.name}"
 
 
-def api_type(knob: Knob):
-    """The Python type the API documents for the knob (None: the preset's value)."""
-    if knob.kind == "choice":
-        return typing.Optional[typing.Literal[tuple(knob.choices)]]
-    python = {"bool": bool, "int": int, "float": float}.get(knob.kind, str)
-    return typing.Optional[python]
+def api_schema(knob: Knob) -> dict:
+    """The JSON schema the API documents for the knob: its type, and a description (gradio's
+    ``additional_description``) with its help, its bounds or choices and its default. The type is not
+    nullable: the default, None, keeps the preset's value, which the client shows as ``| None``."""
+    choices = knob.choices or ()
+    words = [knob.help] if knob.help else []
+    if knob.kind == "choice" and all(isinstance(c, str) for c in choices):
+        schema: dict = {"enum": list(choices)}
+    elif knob.kind == "choice":  # number choices: documented as numbers (an enum would read as strings)
+        schema = {"type": "integer" if all(isinstance(c, int) for c in choices) else "number"}
+        words.append("one of " + ", ".join(str(c) for c in choices))
+    elif knob.kind == "json":
+        schema = {"anyOf": [{"type": "array"}, {"type": "string"}]}
+        words.append("a list, or JSON text")
+    else:
+        schema = {"type": {"bool": "boolean", "int": "integer", "float": "number"}.get(knob.kind, "string")}
+    bounds = " and ".join(f"{word} {v}" for word, v in ((">=", knob.minimum), ("<=", knob.maximum)) if v is not None)
+    if bounds:
+        words.append(bounds)
+    words.append(f"{knob.key} of the preset when left out")
+    return {**schema, "additional_description": "; ".join(words)}
 
 
 def values_from_config(knob_list: list[Knob], cfg: Config) -> list:

@@ -16,6 +16,7 @@ import collections
 import gc
 import inspect
 import queue
+import random
 import threading
 import time
 import uuid
@@ -27,11 +28,11 @@ import numpy as np
 
 from .. import api
 from ..config import Config
-from ..eval.compare import report, timed_pair
+from ..eval.compare import report, timed_pair, within_noise
 from ..io import generate as once
 from ..io import outputs
 from ..io.generate import first_line as _first_line
-from ..pipelines.call import accepted, all_frames, call_kwargs, family_name, is_video
+from ..pipelines.call import accepted, all_frames, call_kwargs, family_name, is_video, size_multiple
 from ..pipelines.load import ModelLoadError, call_defaults
 from .limits import Limits
 
@@ -156,24 +157,42 @@ class Engine:
 
     # --- checking ------------------------------------------------------------------------------
     def parse(self, *, prompt, negative_prompt=None, width=None, height=None, steps=None, guidance=None,
-              seed=0, frames=None, fps=8, batch=1, model="") -> Request:
-        """A `Request` from the page's raw values; raises `InputError` / `LimitError` with what to change."""
-        prompt = (prompt or "").strip()
+              seed=0, randomize_seed=False, frames=None, fps=8, batch=1, model="") -> Request:
+        """A `Request` from the page's or the API's raw values: every value is checked here, and one that is
+        not what its field takes raises `InputError` naming the field and what to give (nothing is coerced:
+        2.5 steps, ``True`` as a number, a string for a flag, NaN are refused), one over a limit `LimitError`.
+        ``randomize_seed``: a new random seed instead of ``seed``."""
+        prompt = _text("prompt", prompt).strip()
         if not prompt:
             raise InputError("prompt: empty; type what to generate")
-        model = (model or "").strip()
+        model = _text("model", model).strip()
         if model and model != self.model_name and not self.allow_model_paths:
             raise InputError(f"model: this server serves only {self.model_name!r}; it cannot load other models")
+        seed = _whole("seed", seed, 0, maximum=2**63 - 1)
+        if _flag("randomize_seed", randomize_seed):
+            seed = random.randrange(2**31)
         req = Request(
-            prompt=prompt, negative_prompt=(negative_prompt or "").strip() or None,
+            prompt=prompt, negative_prompt=_text("negative_prompt", negative_prompt).strip() or None,
             width=_whole("width", width, 0) or None, height=_whole("height", height, 0) or None,
             steps=_whole("steps", steps, 1), guidance=_number("guidance", guidance),
-            seed=_whole("seed", seed, 0, maximum=2**63 - 1), frames=_whole("frames", frames, 1),
-            fps=_whole("fps", fps, 1, maximum=240), batch=_whole("batch", batch, 1), model=model)
-        worker_video = self.primary.video if not model or model == self.model_name else None
-        frames_asked = req.frames if worker_video is not False else None
+            seed=seed or 0, frames=_whole("frames", frames, 1),
+            fps=_whole("fps", fps, 1, maximum=240) or 8, batch=_whole("batch", batch, 1) or 1, model=model)
+        # the worker that holds the served model (None: the request names another model, or every worker
+        # has loaded another one), whose size rules and kind (image/video) the request must meet
+        served = None if model and model != self.model_name else \
+            next((w for w in self.workers if w.model == self.model_name), None)
+        if served is not None and not served.video and req.frames is not None:
+            raise InputError(f"frames: {self.model_name} makes images, not video; leave frames out")
+        if served is not None:
+            multiple = size_multiple(served.pipe)
+            for name in ("width", "height"):
+                value = getattr(req, name)
+                if value is not None and value % multiple:
+                    raise InputError(f"{name}: {value} is not a multiple of {multiple}; {self.model_name} takes sizes "
+                                     f"in steps of {multiple} (e.g. {max(multiple, value // multiple * multiple)})")
+        frames_asked = req.frames if served is None or served.video else None
         self.limits.check(width=req.width, height=req.height, steps=req.steps, frames=frames_asked,
-                          batch=req.batch, prompt=req.prompt)
+                          batch=req.batch, prompt=req.prompt, negative_prompt=req.negative_prompt or "")
         return req
 
     # --- running -------------------------------------------------------------------------------
@@ -210,18 +229,31 @@ class Engine:
                 raise InputError(_first_line(e)) from None
 
         call_kw = {}
+        passes = collections.Counter()
+
+        def call(phase):
+            passes[phase] += 1  # compare: a warm-up, then the timed runs (a Stop names the one it ended)
+            n = passes[phase]
+            which = "" if mode != "compare" else \
+                f"the {phase} warm-up" if n == 1 else f"the {phase} timed run {n - 1} of {COMPARE_REPEATS}"
+            return self._call(worker, req, phase, on_step, cancel, which)
 
         def accelerated():
-            frames, seconds, call_kw["kw"] = self._call(worker, req, "accelerated", on_step, cancel)
+            frames, seconds, call_kw["kw"] = call("accelerated")
             result.stats = api.stats(pipe)
             return frames, seconds
 
         base = None
         if mode == "compare":  # timed side by side, as `accel generate --compare` (eval/compare.py)
-            pair = timed_pair(lambda: self._call(worker, req, "baseline", on_step, cancel)[0],
-                              lambda: accelerated()[0], COMPARE_REPEATS,
+            pair = timed_pair(lambda: call("baseline")[0], lambda: accelerated()[0], COMPARE_REPEATS,
                               prepare={"baseline": remove, "accelerated": apply})
             base, frames, result.metrics = report(pair, result.stats)
+            # a time difference is a speed-up only where something engaged (else the outputs are the same call),
+            # and it stands out of the machine's noise only where the two sides' ranges do not overlap
+            result.metrics["within_noise"] = within_noise(result.metrics["baseline_range"],
+                                                          result.metrics["accelerated_range"])
+            if not result.metrics["engaged"]:
+                result.metrics["speedup"] = None
             result.seconds = {"baseline": pair["baseline_s"], "accelerated": pair["accelerated_s"]}
         else:
             apply()
@@ -233,7 +265,8 @@ class Engine:
         if self.group is not None:
             self.group.send(*message)
 
-    def _call(self, worker: Worker, req: Request, phase: str, on_step, cancel):
+    def _call(self, worker: Worker, req: Request, phase: str, on_step, cancel, which: str = ""):
+        """One pipeline call of ``phase`` (``which``: the pass a Stop message names, "" for a lone call)."""
         pipe = worker.pipe
         kw = request_kwargs(pipe, worker.model, worker.video, req)
         total = int(kw.get("num_inference_steps") or 0)
@@ -258,7 +291,7 @@ class Engine:
         self.log.append({"phase": phase, "steps": total, "steps_done": done[0], "stopped": cancel.is_set(),
                          "seconds": round(seconds, 4)})
         if cancel.is_set():
-            raise Stopped(f"stopped after {done[0]} of {total} steps")
+            raise Stopped(f"stopped {which + ' ' if which else ''}after {done[0]} of {total} steps")
         return frames, seconds, kw
 
     def _use_model(self, worker: Worker, model: str) -> None:
@@ -293,8 +326,9 @@ class Engine:
                     preset=preset if not label else "off", config=config if not label else Config(),
                     timings={"generate_s": result.seconds["baseline" if label else "accelerated"]},
                     stats={"applied": False} if label else None,
+                    # a video model may make other than the frames asked for (Wan: 4k+1): record what it made
                     extra={**extra, "side": label or "accelerated", "batch_index": i,
-                           "fps": req.fps if worker.video else None})
+                           "fps": req.fps if worker.video else None, "frames": len(item) if worker.video else None})
                 dest.append(path)
                 result.sidecars.append(outputs.sidecar_path(path))
                 if not label and i == 0:
@@ -318,25 +352,51 @@ def request_kwargs(pipe, model: str, video: bool, req: Request) -> dict:
     return kw
 
 
+def _text(name: str, value) -> str:
+    """``value`` as the text it must be ("" when empty); `InputError` for anything else (a number, a list)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{name}: {_shown(value)} is not text; give a string")
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    """``value`` as the true/false it must be (False when empty); a string or a number is refused, not read."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InputError(f"{name}: {_shown(value)} is not true or false; give true or false")
+    return value
+
+
 def _number(name: str, value, minimum: float = 0, maximum: float | None = None, whole: bool = False):
-    """``value`` from the page as a number within bounds (None when empty); `InputError` otherwise."""
+    """``value`` as a number within bounds (None when empty); `InputError` otherwise. Only numbers are numbers:
+    a string, a list or a bool is refused, as are NaN and infinities, and for ``whole`` a fraction."""
     if value is None or value == "":
         return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name}: {value!r} is not a number") from None
-    if whole and v.is_integer():
-        v = int(v)
-    elif whole or not np.isfinite(v):
-        raise InputError(f"{name}: {value!r} must be a {'whole' if whole else 'finite'} number")
+    bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+    kind = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{name}: {_shown(value)} is not a number; give {kind} {bounds}")
+    if not np.isfinite(value):
+        raise InputError(f"{name}: {value} is not a finite number; give {kind} {bounds}")
+    if whole and value != int(value):
+        raise InputError(f"{name}: {value} is not a whole number; give {kind} {bounds}")
+    v = int(value) if whole else float(value)
     if v < minimum or (maximum is not None and v > maximum):
-        raise InputError(f"{name}: {v} must be >= {minimum}" + (f" and <= {maximum}" if maximum is not None else ""))
+        raise InputError(f"{name}: {v} must be {bounds}")
     return v
 
 
 def _whole(name: str, value, minimum: int, maximum: int | None = None) -> int | None:
     return _number(name, value, minimum, maximum, whole=True)
+
+
+def _shown(value) -> str:
+    """A value as an error message quotes it: short, so a huge list does not fill the page."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _empty_cache() -> None:

@@ -2,7 +2,7 @@
 
 The reference models (``ref-*``) were trained on `accel.pipelines.ref.data` prompts, so a prompt outside
 that vocabulary ("a cat on the moon") gives them nothing to follow; the tiny models (``tiny-*``) are
-random weights over a small word list. Other models take any prompt: no examples, a plain placeholder.
+random weights over a small word list. Other models take any prompt: no examples, a generic hint.
 """
 
 from __future__ import annotations
@@ -33,5 +33,8 @@ def example_prompts(model: str, video: bool) -> list[str]:
 
 
 def placeholder(model: str, video: bool) -> str:
-    """The prompt box's placeholder: the first example, or a plain prompt for other models."""
-    return next(iter(example_prompts(model, video)), GENERIC)
+    """The prompt box's placeholder: a hint to type (or pick) a prompt, quoting the first example, worded so
+    that nobody mistakes it for a prompt already filled in."""
+    first = next(iter(example_prompts(model, video)), GENERIC)
+    pick = ", or pick an example below" if example_prompts(model, video) else ""
+    return f"Type a prompt{pick}, e.g. “{first}”"

@@ -16,7 +16,8 @@ def entry(record: dict, path: str | Path) -> dict:
     m = record.get("compare")
     if m:
         psnr = "∞" if m.get("psnr") is None else m["psnr"]
-        caption = f"{m['speedup']}x, PSNR {psnr}" if m.get("engaged") else "nothing engaged"
+        noise = " within noise" if m.get("within_noise") else ""
+        caption = f"{m['speedup']}x{noise}, PSNR {psnr}" if m.get("engaged") and m.get("speedup") else "nothing engaged"
     else:
         caption = f"{(record.get('timings') or {}).get('generate_s', 0):.2f}s"
     return {"path": str(path), "caption": f"{caption} · s{record.get('seed')}", "record": record}

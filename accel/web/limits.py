@@ -30,7 +30,7 @@ class Limits(ConfigBase):
     max_steps: int = spec(100, min=1, help="most denoising steps per request")
     max_frames: int = spec(129, min=1, help="most video frames per request")
     max_batch: int = spec(4, min=1, help="most outputs per request")
-    max_prompt_chars: int = spec(2000, min=1, help="longest prompt, in characters")
+    max_prompt_chars: int = spec(2000, min=1, help="longest prompt, and longest negative prompt, in characters")
     max_queue: int = spec(16, min=1, help="requests waiting at most; more are refused until the queue drains")
 
     @classmethod
@@ -42,14 +42,15 @@ class Limits(ConfigBase):
         return cls.from_dict(data)
 
     def check(self, *, width: int | None, height: int | None, steps: int | None, frames: int | None,
-              batch: int, prompt: str) -> None:
+              batch: int, prompt: str, negative_prompt: str = "") -> None:
         """Raise `LimitError` for the first value over its limit (None means the model's default)."""
         asked = (("width", width, self.max_width, "pixels"),
                  ("height", height, self.max_height, "pixels"),
                  ("steps", steps, self.max_steps, "steps"),
                  ("frames", frames, self.max_frames, "frames"),
                  ("batch", batch, self.max_batch, "outputs per run"),
-                 ("prompt length", len(prompt), self.max_prompt_chars, "characters"))
+                 ("prompt length", len(prompt), self.max_prompt_chars, "characters"),
+                 ("negative prompt length", len(negative_prompt), self.max_prompt_chars, "characters"))
         for name, value, limit, unit in asked:
             if value is not None and value > limit:
                 raise LimitError(f"{name}: {value} is more than this server allows: at most {limit} {unit}")

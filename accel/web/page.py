@@ -8,7 +8,8 @@ the technique knobs are generated from the config dataclasses (`accel.web.contro
 
 The API: ``/generate`` and ``/compare`` take named parameters: ``prompt`` (required),
 ``negative_prompt``, ``width``, ``height``, ``steps``, ``guidance``, ``seed``, ``randomize_seed``,
-``frames``, ``fps``, ``batch``, ``model``, ``preset`` (default balanced), and one per technique knob
+``frames`` and ``fps`` (video models, or any with ``allow_model_paths``), ``batch``, ``model``,
+``preset`` (default balanced), and one per technique knob
 named ``section_field`` (``cache_threshold``, ``tokens_ratio``, ``attention_density``...). The rule:
 the run uses ``preset``, and each knob you pass changes that field of it; a knob you leave out (None)
 keeps the preset's value. The page sends all of its knobs, so it runs what its controls show.
@@ -30,17 +31,17 @@ import hashlib
 import json
 import os
 import socket
-from typing import Literal
 
 from ..config import DEFAULT_PRESET, TECHNIQUES, available_presets
 from ..config import preset as preset_of
 from ..io.outputs import write_json
 from ..layering import layered
+from ..pipelines.call import size_multiple
 from . import history as web_history
 from .controls import (
     CONFIG_PRESET,
     api_name,
-    api_type,
+    api_schema,
     config_over,
     knobs,
     section_title,
@@ -76,6 +77,7 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
+    from gradio.components.api_component import Api
 
     engine = Engine(pipe_or_loader, model_name, limits=limits, out_dir=out_dir, workers=workers, group=group,
                     allow_model_paths=allow_model_paths, approx_cache=approx_cache)
@@ -99,6 +101,12 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
                  for k in knobs(hide=tuple(t.section for t in TECHNIQUES if not t.web))]
     concurrency = len(engine.workers)
     runs = Runs()
+    multiple = size_multiple(engine.primary.pipe)
+    same = _same_presets(preset_names, preset_config)
+    preset_info = f"fills the knobs below with the preset for {family}" + (
+        f" (for {family}, {'; '.join(f'{a} is the same as {b}' for a, b in same.items())})" if same else "")
+    # frames and fps: for video models (and for any model the page may load); an image model's API has neither
+    has_frames = video or allow_model_paths
 
     # gradio's copies of the outputs it shows leave its cache a day after they were last shown, and all of them
     # when the server stops
@@ -111,50 +119,59 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
                 model = gr.Textbox(model_name, label="Model (hub id, local folder or built-in name)",
                                    visible=allow_model_paths, interactive=allow_model_paths, elem_id="model")
                 prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars, elem_id="prompt",
-                                    placeholder=placeholder(model_name, video))
+                                    placeholder=placeholder(model_name, video),
+                                    info=f"at most {lim.max_prompt_chars} characters")
                 examples = example_prompts(model_name, video)
                 if examples:
                     gr.Examples([[p] for p in examples], inputs=[prompt], label="Example prompts (words this "
                                 "built-in model knows)", api_visibility="private", elem_id="examples")
-                negative = gr.Textbox(d["negative_prompt"], label="Negative prompt", elem_id="negative_prompt")
+                negative = gr.Textbox(d["negative_prompt"], label="Negative prompt", max_length=lim.max_prompt_chars,
+                                      info=f"at most {lim.max_prompt_chars} characters", elem_id="negative_prompt")
+                # Whole numbers pass to the run unrounded (precision None): the run refuses 2.5 steps with a
+                # message naming the field instead of running 2 (`Engine.parse` checks every value).
                 with gr.Row():
-                    width = gr.Number(d["width"], label="Width (0: model default)", precision=0, step=8,
-                                      info=f"at most {lim.max_width}", elem_id="width")
-                    height = gr.Number(d["height"], label="Height (0: model default)", precision=0, step=8,
-                                       info=f"at most {lim.max_height}", elem_id="height")
+                    width = gr.Number(d["width"], label="Width (0: model default)", step=multiple,
+                                      info=f"a multiple of {multiple}, at most {lim.max_width}", elem_id="width")
+                    height = gr.Number(d["height"], label="Height (0: model default)", step=multiple,
+                                       info=f"a multiple of {multiple}, at most {lim.max_height}", elem_id="height")
                 with gr.Row():
-                    steps = gr.Number(d["steps"], label="Steps", precision=0, info=f"at most {lim.max_steps}",
+                    steps = gr.Number(d["steps"], label="Steps", step=1, info=f"at most {lim.max_steps}",
                                       elem_id="steps")
                     guidance = gr.Number(d["guidance"], label="Guidance", step=0.5, elem_id="guidance")
                 with gr.Row():
-                    seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+                    seed = gr.Number(0, label="Seed", step=1, elem_id="seed")
                     randomize = gr.Checkbox(False, label="Random seed each run", elem_id="randomize_seed")
-                with gr.Row(visible=video or allow_model_paths):
-                    frames = gr.Number(d["frames"], label="Frames (video models)", precision=0,
-                                       info=f"at most {lim.max_frames}", elem_id="frames")
-                    fps = gr.Number(8, label="FPS of the MP4", precision=0, elem_id="fps")
-                batch = gr.Number(1, label="Outputs per run", precision=0,
-                                  info=f"at most {lim.max_batch}", elem_id="batch")
-                preset = gr.Dropdown(list(preset_names), value=default_preset, label="Preset",
-                                     info=f"fills the knobs below with the preset for {family}", elem_id="preset")
-                knob_widgets, section_errors = [], {}
+                with gr.Row(visible=has_frames):
+                    # an image model takes no frames: empty (the model's default) unless the served model is video
+                    frames = gr.Number(d["frames"] if video else None, step=1, elem_id="frames",
+                                       label="Frames (video models; empty: the model's default)",
+                                       info=f"at most {lim.max_frames}")
+                    fps = gr.Number(8, label="FPS of the MP4", step=1, elem_id="fps")
+                batch = gr.Number(1, label="Outputs per run", step=1, info=f"at most {lim.max_batch}", elem_id="batch")
+                preset = gr.Dropdown(list(preset_names), value=default_preset, label="Preset", info=preset_info,
+                                     elem_id="preset")
+                knob_widgets, field_errors, section_errors = [], {}, {}
                 for section, cls in sections():
                     own = [k for k in knob_list if k.section == section]
                     if own:
                         with gr.Accordion(section_title(cls), open=False, elem_id=f"section-{section}"):
-                            knob_widgets += [widget(k) for k in own]
-                            # a config error shows here, beside the fields it names
-                            section_errors[section] = gr.Markdown(elem_id=f"config_error-{section}")
+                            # a config error shows right under the field it names; one naming only the
+                            # section, at the top of the section
+                            section_errors[section] = gr.Markdown(visible=False, elem_id=f"config_error-{section}")
+                            for k in own:
+                                knob_widgets.append(widget(k))
+                                field_errors[k.key] = gr.Markdown(visible=False,
+                                                                  elem_id=f"config_error-{section}-{k.name}")
                 config_error = gr.Markdown(elem_id="config_error")  # errors that name no section
                 config_code = gr.Code(start.to_json(), language="json", interactive=False, max_lines=14,
-                                      label="Config (sidecar-compatible: `accel generate --config FILE`)")
+                                      label=CONFIG_LABEL, elem_id="config_json")
                 config_file = gr.DownloadButton("Download config", value=_config_file(engine, start))
             with gr.Column(scale=3):
                 with gr.Row():
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     cmp_btn = gr.Button("Compare with baseline", elem_id="compare")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                summary = gr.Markdown(elem_id="summary")
+                summary = gr.Markdown(label="Summary", show_label=False, elem_id="summary")
                 with gr.Row():
                     baseline = gr.Gallery(label="Baseline (accel removed)", columns=1, height="auto",
                                           elem_id="baseline")
@@ -169,17 +186,20 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
         history = gr.State([])
         # The API's inputs: the page's base inputs, and for each knob a value that defaults to None
         # (the preset's value), so a call names only what it changes (see the module docstring).
+        # The API's inputs are their own (hidden) components, not the page's: each documents its type and
+        # what it takes, and hands its value to the run untouched, so every value meets the run's one check
+        # (a string for steps gets "steps: 'abc' is not a number ...", not a gradio traceback).
         with gr.Group(visible=False):
             api_trigger = gr.Button(visible=False)
-            api_knobs = [_api_input(k) for k in knob_list]
-            # the preset as the run checks it ("preset: 'x' is not a preset; choose one of ..."), not as a dropdown
-            api_preset = _api_input(None, default_preset, Literal[preset_names])
+            api_knobs = [Api(None, api_schema(k), label=k.key) for k in knob_list]
+            api_base = {name: Api(default, schema, label=name) for name, (default, schema) in _api_base(
+                model_name, allow_model_paths, d, lim, multiple, has_frames, video, preset_names, default_preset,
+                same, family).items()}
 
         base = dict(zip(BASE_INPUTS, [model, prompt, negative, width, height, steps, guidance, seed, randomize,
                                       frames, fps, batch, preset], strict=True))
         page_inputs = {**base, **{api_name(k): w for k, w in zip(knob_list, knob_widgets, strict=True)}}
-        api_inputs = {**base, "preset": api_preset,
-                      **{api_name(k): w for k, w in zip(knob_list, api_knobs, strict=True)}}
+        api_inputs = {**api_base, **{api_name(k): w for k, w in zip(knob_list, api_knobs, strict=True)}}
         outputs = [seed, baseline, result, summary, metrics, stats, files, history, history_gallery]
         run_kw = {"inputs": [history], "outputs": outputs, "concurrency_limit": concurrency,
                   "concurrency_id": "pipelines"}
@@ -202,19 +222,23 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
         stop_btn.click(stop, **ui)
 
         def show_config(preset_name, *values):
-            boxes = dict.fromkeys(section_errors, "")
+            boxes = dict.fromkeys([*field_errors, *section_errors], "")
             try:
                 cfg = config_over(knob_list, values, preset_config(preset_name))
             except ValueError as e:
                 message = f"**Config error:** {str(e).replace('<', '&lt;')}"
-                section = str(e).split(":", 1)[0].split(".", 1)[0]  # "cache.interval: ..." -> cache
-                if section in boxes:
-                    boxes[section], message = message, ""
-                return gr.update(), gr.update(), *boxes.values(), message
-            return cfg.to_json(), _config_file(engine, cfg), *boxes.values(), ""
+                key = str(e).split(":", 1)[0].strip()  # "cache.interval: ..." -> the field, else its section
+                where = key if key in field_errors else key.split(".", 1)[0]
+                if where in boxes:
+                    boxes[where], message = message, ""
+                # the JSON and the download keep the last valid config, and say so
+                return (gr.update(label=CONFIG_LABEL_STALE), gr.update(label="Download config (the last valid one)"),
+                        *_boxes(boxes), message)
+            return (gr.update(value=cfg.to_json(), label=CONFIG_LABEL),
+                    gr.update(value=_config_file(engine, cfg), label="Download config"), *_boxes(boxes), "")
 
         gr.on([w.change for w in knob_widgets], show_config, inputs=[preset, *knob_widgets],
-              outputs=[config_code, config_file, *section_errors.values(), config_error], **ui)
+              outputs=[config_code, config_file, *field_errors.values(), *section_errors.values(), config_error], **ui)
 
         def apply_preset(name):
             return values_from_config(knob_list, preset_config(name))
@@ -237,13 +261,61 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
     return demo
 
 
-def _api_input(knob, default=None, python_type=None):
-    """A hidden API input for ``knob``: no page control, a documented type, default None (the preset's value)."""
-    from gradio.components.api_component import Api
-    from gradio_client.utils import python_type_to_json_schema
+CONFIG_LABEL = "Config (sidecar-compatible: `accel generate --config FILE`)"
+CONFIG_LABEL_STALE = "Config: the last valid one, not what the controls show (fix the config error above)"
 
-    return Api(default, python_type_to_json_schema(python_type or api_type(knob)),
-               label=knob.key if knob else "preset")
+
+def _boxes(messages: dict) -> list:
+    """The error boxes' updates: a box with a message shows it, the others hide."""
+    import gradio as gr
+
+    return [gr.update(value=m, visible=bool(m)) for m in messages.values()]
+
+
+def _same_presets(names, preset_config) -> dict:
+    """``{preset: an earlier preset with the same config}`` (on a family where, say, fast is balanced)."""
+    seen, same = {}, {}
+    for name in names:
+        text = preset_config(name).to_json()
+        if text in seen:
+            same[name] = seen[text]
+        else:
+            seen[text] = name
+    return same
+
+
+def _api_base(model_name, allow_model_paths, d, lim, multiple, has_frames, video, preset_names, default_preset,
+              same, family) -> dict:
+    """The API's base parameters as ``{name: (default, JSON schema with its description)}``, in
+    `BASE_INPUTS` order; frames and fps only where the model may be video (``has_frames``)."""
+    def typed(kind, text, **more):
+        return {"type": kind, "additional_description": text, **more}
+
+    size = "pixels, a multiple of {m}, at most {top}; 0: the model's default"
+    alike = "; ".join(f"{a} is the same as {b} for {family}" for a, b in same.items())
+    out = {
+        "model": (model_name, typed("string", "the served model" + (
+            "; or a hub id, local folder or built-in name to load" if allow_model_paths
+            else "; this server loads no other"))),
+        "prompt": (None, typed("string", f"what to generate, at most {lim.max_prompt_chars} characters")),
+        "negative_prompt": (d["negative_prompt"], typed(
+            "string", f"what to steer away from, at most {lim.max_prompt_chars} characters")),
+        "width": (d["width"], typed("integer", size.format(m=multiple, top=lim.max_width))),
+        "height": (d["height"], typed("integer", size.format(m=multiple, top=lim.max_height))),
+        "steps": (d["steps"], typed("integer", f"denoising steps, 1 to {lim.max_steps}")),
+        "guidance": (d["guidance"], typed("number", "guidance scale")),
+        "seed": (0, typed("integer", f"0 to {2**63 - 1}; the same seed and inputs give the same output")),
+        "randomize_seed": (False, typed("boolean", "true: a new random seed (the answer's seed says which)")),
+        "frames": (d["frames"] if video else None, typed("integer", f"video frames, 1 to {lim.max_frames}" + (
+            "" if video else "; video models only (the model's default when left out)"))),
+        "fps": (8, typed("integer", "frames per second of the MP4, 1 to 240")),
+        "batch": (1, typed("integer", f"outputs per run, 1 to {lim.max_batch}")),
+        "preset": (default_preset, {"enum": list(preset_names), "additional_description": (
+            "the acceleration the knobs below change" + (f"; {alike}" if alike else ""))}),
+    }
+    if not has_frames:
+        del out["frames"], out["fps"]
+    return out
 
 
 def _config_file(engine: Engine, cfg) -> str:
@@ -259,7 +331,9 @@ def _config_file(engine: Engine, cfg) -> str:
 
 def serve(demo, host: str = "127.0.0.1", port: int | None = None, *, block: bool = True, quiet: bool = False):
     """Launch ``demo`` (from `build_app`) on ``port`` (None: a free one); with ``block=False`` return
-    its URL once it serves (stop it with ``demo.close()``)."""
+    its URL once it serves (stop it with ``demo.close()``). Gradio's own start-up lines stay out (their
+    hints are about ``launch()`` and a share link this app never makes); unless ``quiet``, one line says
+    where it serves. A port in use is an `OSError` naming the port."""
     from starlette.middleware import Middleware  # gradio's web framework, imported with it
 
     engine: Engine = demo.accel_engine
@@ -268,10 +342,19 @@ def serve(demo, host: str = "127.0.0.1", port: int | None = None, *, block: bool
             s.bind((host, 0))
             port = s.getsockname()[1]
     use_cache(demo.accel_cache)  # the server's own cache folder is this app's (`accel.web.files`)
-    _, url, _ = demo.launch(
-        server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet, share=False,
-        allowed_paths=[str(engine.out_dir)], show_error=False, ssr_mode=False, mcp_server=False, pwa=False,
-        enable_monitoring=False, max_file_size="1mb", run_history=False,
-        app_kwargs={"middleware": [Middleware(RefuseUploads)]},
-    )
+    try:
+        _, url, _ = demo.launch(
+            server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, share=False,
+            allowed_paths=[str(engine.out_dir)], show_error=False, ssr_mode=False, mcp_server=False, pwa=False,
+            enable_monitoring=False, max_file_size="1mb", run_history=False,
+            app_kwargs={"middleware": [Middleware(RefuseUploads)]},
+        )
+    except OSError as e:
+        if "Cannot find empty port" not in str(e):
+            raise
+        raise OSError(f"port {port} on {host} is in use (another server?); choose another port") from None
+    if not quiet:
+        print(f"accel app: serving on {url} (Ctrl+C stops it)", flush=True)
+    if block:
+        demo.block_thread()
     return url

@@ -20,11 +20,13 @@ outputs as they were.
 import asyncio
 import contextlib
 import inspect
-import random
+import math
+import re
 import threading
 
 from ..config import DEFAULT_PRESET
 from ..config import preset as preset_of
+from ..eval.compare import engaged
 from . import history as web_history
 from .controls import api_name, changes, config_over, sections
 from .engine import Engine, InputError, Stopped
@@ -37,7 +39,6 @@ BASE_INPUTS = ("model", "prompt", "negative_prompt", "width", "height", "steps",
 # What a run answers, in order (the page's output components, and the API's return values).
 OUTPUTS = ("seed", "baseline", "result", "summary", "metrics", "stats", "files", "history", "history_gallery")
 HISTORY_SIZE = 48
-_PARSED = ("model", "negative_prompt", "width", "height", "steps", "guidance", "frames", "fps", "batch")
 
 
 def handler(mode: str, engine: Engine, knob_list, family: str, runs: Runs, preset_config=None,
@@ -56,11 +57,12 @@ def handler(mode: str, engine: Engine, knob_list, family: str, runs: Runs, prese
 
     async def run(history, request: gr.Request, progress=progress_marker, **values):
         gone, queued_at = client_watch()
-        seed = random.randrange(2**31) if values.get("randomize_seed") else values.get("seed")
         preset = values.get("preset") or default_preset
-        try:
-            given = {k: values[k] for k in _PARSED if values.get(k) is not None}
-            req = engine.parse(prompt=values.get("prompt"), **given, **({"seed": seed} if seed is not None else {}))
+        try:  # every value is checked before anything runs: the base inputs by the engine, the knobs by the config
+            given = {k: values[k] for k in BASE_INPUTS if k != "preset" and values.get(k) is not None}
+            req = engine.parse(**{"prompt": None, **given})
+            if not isinstance(preset, str):
+                raise InputError(f"preset: {preset!r} is not a preset name; give one as text")
             base = preset_config(preset)
             cfg = config_over(knob_list, [values.get(n) for n in names], base)
         except (InputError, LimitError, ValueError) as e:
@@ -97,10 +99,11 @@ def handler(mode: str, engine: Engine, knob_list, family: str, runs: Runs, prese
         changed = changes(knob_list, cfg, base)
         setting = f"preset `{preset}`" + (f" with {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}"
                                           if changed else "")
-        items = [(str(p), f"baseline s{req.seed}") for p in res.baseline] + \
-                [(str(p), f"{mode} s{req.seed}") for p in res.outputs]
+        items = [(str(p), f"baseline · seed {req.seed}") for p in res.baseline] + \
+                [(str(p), f"accelerated · seed {req.seed}") for p in res.outputs]
         history = ([web_history.entry(res.record, res.outputs[0])] + (history or []))[:HISTORY_SIZE]
-        return (req.seed, items[:len(res.baseline)] or None, items[len(res.baseline):], summary(res, setting),
+        return (req.seed, items[:len(res.baseline)] or None, items[len(res.baseline):],
+                summary(res, setting, cfg.enabled),
                 res.metrics or None, res.stats, [str(p) for p in (*res.outputs, *res.baseline, *res.sidecars)],
                 history, web_history.gallery(history))
 
@@ -125,39 +128,96 @@ def _stopped(message: str) -> tuple:
 
 
 def _error(e, log: bool = False):
-    """A ``gr.Error`` for the page and the API. The page shows the message as HTML, so no tag may
-    start in it (a prompt or model name echoed back); ">" alone is harmless and keeps ">= 1" readable."""
+    """A ``gr.Error`` for the page and the API. The page shows the message as HTML, so no tag may start in
+    it (a prompt or model name echoed back): ``<`` before a letter, ``/``, ``!`` or ``?`` and ``&`` before a
+    letter or ``#`` become entities. Nothing else does, so the API's text reads as written ("<= 9", "< 1")."""
     import gradio as gr
 
-    return gr.Error(str(e).replace("&", "&amp;").replace("<", "&lt;"), print_exception=log)
+    text = re.sub(r"&(?=[A-Za-z#])", "&amp;", str(e))
+    return gr.Error(re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text), print_exception=log)
 
 
-def summary(res, setting: str) -> str:
-    """The page's summary of a run: time (or the compare's speed-up and fidelity), the setting, the seed."""
+def summary(res, setting: str, enabled: bool = True) -> str:
+    """The page's summary of a run: time (or the compare's speed-up, with each side's range, and fidelity), the
+    setting, the seed, and a line per technique: what it did, or that it did not engage and why. ``enabled``:
+    whether the config turns any technique on (when it does not, that is why nothing engaged)."""
     acc = res.seconds["accelerated"]
     steps = res.stats.get("steps", "?")
     m = res.metrics
     if not m:
         line = f"**{acc:.2f} s** ({steps} step{'' if steps == 1 else 's'}, {setting}, seed {res.seed})"
-    elif not m.get("engaged"):  # identical outputs: a time difference is noise, not a speed-up
-        line = (f"nothing engaged at this size ({setting}): the outputs are identical and any time difference is "
-                f"noise · baseline {m['baseline_s']:.2f} s · accelerated {m['accelerated_s']:.2f} s (seed {res.seed})")
     else:
-        psnr = "identical (PSNR ∞)" if m["psnr"] is None else f"PSNR {m['psnr']:.2f} dB"
-        line = (f"baseline **{m['baseline_s']:.2f} s** · accelerated **{m['accelerated_s']:.2f} s** · "
-                f"speedup **{m['speedup']:.2f}x** (medians of {m['repeats']} runs each after a warm-up) · {psnr} · "
-                f"SSIM {m['ssim']:.4f} ({setting}, seed {res.seed})")
-    return "  \n".join([line, *_technique_lines(res.stats)])
+        runs = (f"baseline **{_s(m['baseline_s'])} s** ({_span(m['baseline_range'])}) · accelerated "
+                f"**{_s(m['accelerated_s'])} s** ({_span(m['accelerated_range'])})")
+        if not m.get("engaged"):  # identical outputs: a time difference is noise, not a speed-up
+            why = f"{setting} turns every technique off" if not enabled else f"nothing engaged at this size ({setting})"
+            line = (f"{why}: the outputs are identical and any time difference is noise, so no speed-up is claimed · "
+                    f"{runs} (seed {res.seed})")
+        else:
+            psnr = "identical (PSNR ∞)" if m["psnr"] is None else f"PSNR {m['psnr']:.2f} dB"
+            speed = (f"speedup **{m['speedup']:.2f}x, within noise** (the ranges overlap: these runs do not tell the "
+                     "two apart)" if m.get("within_noise") else f"speedup **{m['speedup']:.2f}x**")
+            line = (f"{runs} · {speed} (medians of {m['repeats']} runs each after a warm-up, fastest-slowest in "
+                    f"brackets) · {psnr} · SSIM {m['ssim']:.4f} ({setting}, seed {res.seed})")
+    return "  \n".join([line, *technique_lines(res.stats)])
 
 
-def _technique_lines(stats: dict) -> list[str]:
-    """One line per technique that ran: the numbers at the top of its stats (reused, merged, density...)."""
+def _s(seconds: float) -> str:
+    return f"{seconds:.3g}"  # 3 significant digits: 12.3, 1.23, 0.0123
+
+
+def _span(r) -> str:
+    return f"{_s(r[0])}-{_s(r[1])} s"
+
+
+def technique_lines(stats: dict) -> list[str]:
+    """One line per technique that ran: what it did, in the words of Compare's "engaged" list
+    (`accel.eval.compare.engaged`), or "not engaged" with the reason its stats or its config give."""
     lines = []
     for section, _ in sections():
         part = stats.get(section)
-        if isinstance(part, dict) and part:
+        if not isinstance(part, dict) or not part:
+            continue
+        did = engaged({section: part, "total_steps": stats.get("total_steps")})
+        if did:
+            lines += did
+        elif section in _IDLE:
+            name, why = _IDLE[section](part, stats)
+            lines.append(f"{name}: not engaged ({why})")
+        else:  # a technique this page has no words for: the numbers at the top of its stats
             nums = [f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
                     for k, v in part.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
             if nums:
                 lines.append(f"{section}: " + ", ".join(nums[:6]))
     return lines
+
+
+def _idle_cache(part: dict, stats: dict):
+    cfg = (stats.get("config") or {}).get("cache") or {}
+    steps, warmup = stats.get("total_steps") or 0, cfg.get("warmup_steps") or 0
+    if steps and warmup >= steps:
+        return "step cache", f"its {warmup} warm-up steps cover all {steps} steps"
+    return "step cache", f"no step reused its cache; computed all {part.get('computed', 0)}"
+
+
+def _idle_tokens(part: dict, stats: dict):
+    cfg = (stats.get("config") or {}).get("tokens") or {}
+    method = part.get("method") or cfg.get("method")
+    name = {"merge": "token merging", "prune": "token pruning"}.get(method, f"token reduction ({method})")
+    tokens, floor = math.prod(stats.get("grid") or (0,)), cfg.get("min_tokens") or 0
+    if floor and tokens < floor:
+        return name, f"{tokens} tokens < min_tokens {floor}"
+    if not part.get("ratio"):
+        return name, "ratio 0"
+    return name, "no block removed any token"
+
+
+def _idle_attention(part: dict, stats: dict):
+    return "sparse attention", part.get("why_dense") or "every attention call ran dense"
+
+
+def _idle_approx(part: dict, stats: dict):
+    return "approximate cache", part.get("reason") or "no stored prompt was close enough"
+
+
+_IDLE = {"cache": _idle_cache, "tokens": _idle_tokens, "attention": _idle_attention, "approx": _idle_approx}

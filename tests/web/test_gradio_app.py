@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import importlib
 import json
+import math
 import re
 import sys
 import time
@@ -28,6 +29,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 import accel  # noqa: E402
 from accel.config_base import ConfigBase, spec  # noqa: E402
+from accel.eval.compare import within_noise  # noqa: E402
 from accel.web import controls as web_controls  # noqa: E402
 from accel.web.limits import Limits  # noqa: E402
 from accel.web.page import build_app, serve  # noqa: E402
@@ -106,13 +108,17 @@ def test_compare_image_returns_both_outputs_and_metrics(image_app):
     r = image_app.call("/compare", prompt="a blue dog", steps=2, seed=3, preset="off")
     (base,), (acc,) = r["baseline"], r["result"]
     m = r["metrics"]
-    assert m["baseline_s"] > 0 and m["accelerated_s"] > 0 and m["speedup"] > 0
+    assert m["baseline_s"] > 0 and m["accelerated_s"] > 0
     # "off" changes nothing: the accelerated output is the baseline, bit for bit.
     assert np.array_equal(_pixels(base["image"]), _pixels(acc["image"]))
     assert m["psnr"] is None and m["ssim"] == 1.0
-    # nothing engaged: no speed-up is claimed (a time difference between identical runs is noise)
-    assert "nothing engaged" in r["summary"] and "speedup" not in r["summary"] and m["engaged"] == []
+    # nothing engaged: no speed-up is claimed, in the summary or the JSON (a time difference between identical
+    # runs is noise), and the reason given is the preset, not the size
+    assert m["engaged"] == [] and m["speedup"] is None and isinstance(m["within_noise"], bool)
+    assert "preset `off` turns every technique off" in r["summary"] and "at this size" not in r["summary"]
+    assert "speedup" not in r["summary"] and "no speed-up is claimed" in r["summary"]
     assert m["repeats"] == 2 and m["baseline_range"][0] <= m["baseline_s"] <= m["baseline_range"][1]
+    assert base["caption"] == "baseline · seed 3" and acc["caption"] == "accelerated · seed 3"  # not "compare s3"
     assert len(r["files"]) == 4  # two outputs, two sidecars
     side = _sidecar_of(image_app.engine.out_dir, Path(acc["image"]).name)
     assert side["mode"] == "compare" and side["compare"]["ssim"] == 1.0 and side["preset"] == "off"
@@ -128,6 +134,11 @@ def test_compare_lossy_setting_shows_reuse_and_fidelity(image_app):
     assert r["stats"]["cache"]["reused"] == 2  # every other step reuses the deep features
     diff = np.abs(_pixels(base["image"]).astype(int) - _pixels(acc["image"]).astype(int))
     assert diff.max() > 0 and r["metrics"]["psnr"] is not None
+    m = r["metrics"]  # something engaged: a speed-up, with both sides' ranges beside it, and whether it is noise
+    assert m["speedup"] > 0 and m["within_noise"] == within_noise(m["baseline_range"], m["accelerated_range"])
+    lo, hi = m["baseline_range"]
+    assert f"({lo:.3g}-{hi:.3g} s)" in r["summary"] and "speedup **" in r["summary"]
+    assert ("within noise" in r["summary"]) == m["within_noise"]
     # Fidelity floor on a random-weight model (real models do far better): the image is still close.
     assert r["metrics"]["psnr"] > 10 and r["metrics"]["ssim"] > 0.3
 
@@ -137,7 +148,9 @@ def test_over_limit_request_errors_and_server_keeps_serving(image_app):
     for changes, fragment in ((dict(steps=10_000), "steps: 10000 is more than this server allows: at most 400 steps"),
                               (dict(width=4096), "width: 4096 is more than this server allows: at most 64 pixels"),
                               (dict(batch=3), "batch: 3 is more than this server allows: at most 2 outputs per run"),
-                              (dict(prompt="x" * 3000), "prompt length: 3000 is more than this server allows")):
+                              (dict(prompt="x" * 3000), "prompt length: 3000 is more than this server allows"),
+                              (dict(negative_prompt="x" * 100_000),
+                               "negative prompt length: 100000 is more than this server allows: at most 2000")):
         with pytest.raises(AppError, match=fragment) as err:
             image_app.call(**{"prompt": "a cat", **changes})
         assert "restart" not in str(err.value) and "--" not in str(err.value)
@@ -149,7 +162,7 @@ def test_over_limit_request_errors_and_server_keeps_serving(image_app):
     (dict(prompt="   "), "prompt: empty"),
     (dict(model="someone/other-model"), "serves only 'tiny-sd15'; it cannot load other models"),
     (dict(preset="turbo"), "preset: 'turbo' is not a preset; choose one of off, "),
-    (dict(width=36), "divisible by 8"),
+    (dict(width=36), "width: 36 is not a multiple of 8; tiny-sd15 takes sizes in steps of 8"),
     (dict(steps=0), "steps: 0 must be >= 1"),
     (dict(**{"attention.density": 0.5}), "attention.density: 0.5 needs a sparse attention.pattern"),
     (dict(**{"tokens.ratio": 2.0}), "tokens.ratio: 2.0 is out of range"),
@@ -158,6 +171,133 @@ def test_bad_input_gets_a_clear_error(image_app, changes, fragment):
     with pytest.raises(AppError, match=fragment.replace(".", r"\.")) as err:
         image_app.call(**{"prompt": "a cat", **changes})
     assert "restart" not in str(err.value) and "--allow" not in str(err.value)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(steps="abc"), "steps: 'abc' is not a number; give a whole number >= 1"),
+    (dict(steps=[4]), "steps: [4] is not a number; give a whole number >= 1"),
+    (dict(steps=2.5), "steps: 2.5 is not a whole number; give a whole number >= 1"),  # not 2 steps
+    (dict(steps=True), "steps: True is not a number; give a whole number >= 1"),  # not 1 step
+    (dict(width="32"), "width: '32' is not a number; give a whole number >= 0"),
+    (dict(height=[32]), "height: [32] is not a number"),
+    (dict(seed="7"), "seed: '7' is not a number"),
+    (dict(seed=1.5), "seed: 1.5 is not a whole number"),
+    (dict(batch=[1, 2]), "batch: [1, 2] is not a number"),
+    (dict(batch=True), "batch: True is not a number"),
+    (dict(guidance="x"), "guidance: 'x' is not a number; give a number >= 0"),
+    (dict(randomize_seed="abc"), "randomize_seed: 'abc' is not true or false; give true or false"),
+    (dict(randomize_seed=1), "randomize_seed: 1 is not true or false"),
+    (dict(prompt=["a cat"]), "prompt: ['a cat'] is not text; give a string"),
+    (dict(negative_prompt=5), "negative_prompt: 5 is not text; give a string"),
+    (dict(preset=["fast"]), "preset: ['fast'] is not a preset name"),
+    (dict(width=7), "width: 7 is not a multiple of 8; tiny-sd15 takes sizes in steps of 8"),
+    (dict(height=20), "height: 20 is not a multiple of 8"),
+    # the bounds read as written, with no HTML entity (the page shows "<=" as it is)
+    (dict(seed=-5), "seed: -5 must be >= 0 and <= 9223372036854775807"),
+    (dict(**{"tokens.ratio": 2.0}), "tokens.ratio: 2.0 is out of range; it must be <= 0.95 and >= 0.0"),
+    (dict(guidance=-1), "guidance: -1.0 must be >= 0"),
+])
+def test_every_bad_api_value_gets_one_clear_message(image_app, changes, message):
+    with pytest.raises(AppError) as err:
+        image_app.call(**{"prompt": "a cat", "steps": 1, **changes})
+    text = str(err.value)
+    assert text.startswith(message), text
+    assert "&lt;" not in text and "&amp;" not in text and "&gt;" not in text and "show_error" not in text
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(fps="8"), "fps: '8' is not a number; give a whole number >= 1 and <= 240"),
+    (dict(fps=0), "fps: 0 must be >= 1 and <= 240"),
+    (dict(frames=[5]), "frames: [5] is not a number; give a whole number >= 1"),
+    (dict(frames=4.5), "frames: 4.5 is not a whole number"),
+    (dict(width=24), "width: 24 is not a multiple of 16; tiny-wan takes sizes in steps of 16 (e.g. 16)"),
+])
+def test_bad_video_api_values_get_one_clear_message(video_app, changes, message):
+    with pytest.raises(AppError) as err:
+        video_app.call(**{"prompt": "a ball", "steps": 1, **changes})
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def _raw_call(app, api: str, raw: dict) -> dict:
+    """One call of ``api`` as raw JSON (``raw``: parameter -> JSON text, which may be what gradio_client cannot
+    send: NaN, Infinity); the others are their defaults. Returns the queue's final message."""
+    fn = next(f for f in app.demo.fns.values() if f.api_name == api)
+    session = uuid.uuid4().hex
+    data = ", ".join(raw.get(name, json.dumps(getattr(block, "value", None)))
+                     for name, block in zip(fn.input_parameter_names, fn.inputs, strict=True))
+    body = (f'{{"data": [{data}], "event_data": null, "fn_index": {fn._id}, "trigger_id": null, '
+            f'"session_hash": "{session}"}}').encode()
+    urllib.request.urlopen(urllib.request.Request(f"{app.url}gradio_api/queue/join", body,
+                                                  {"Content-Type": "application/json"}), timeout=30).close()
+    with urllib.request.urlopen(f"{app.url}gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
+        for line in stream:
+            msg = json.loads(line[5:]) if line.startswith(b"data:") else {}
+            if msg.get("msg") == "process_completed":
+                return msg
+    raise AssertionError("the call never completed")
+
+
+@pytest.mark.parametrize("name, raw, message", [
+    ("steps", "NaN", "steps: nan is not a finite number; give a whole number >= 1"),
+    ("guidance", "Infinity", "guidance: inf is not a finite number; give a number >= 0"),
+    ("seed", "-Infinity", "seed: -inf is not a finite number"),
+    ("tokens_ratio", "NaN", "tokens.ratio: nan is not a finite number"),
+])
+def test_nan_and_infinity_as_raw_json_are_refused_by_name(image_app, name, raw, message):
+    msg = _raw_call(image_app, "generate", {"prompt": '"a cat"', "steps": "1", name: raw})
+    assert msg["success"] is False and (msg["output"].get("error") or "").startswith(message), msg
+
+
+def test_frames_on_an_image_model_are_refused_and_not_offered(image_app):
+    from accel.web.engine import InputError
+
+    with pytest.raises(InputError, match="frames: tiny-sd15 makes images, not video"):  # as `accel generate --frames`
+        image_app.engine.parse(prompt="a cat", frames=5)
+    with pytest.raises(TypeError, match="frames"):  # the image model's API has no frames (the client says so)
+        image_app.client.predict(prompt="a cat", frames=5, api_name="/generate")
+
+
+def test_the_api_documents_every_parameter_and_output(image_app, video_app):
+    named = image_app.client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for api in ("/generate", "/compare"):
+        params, returns = named[api]["parameters"], named[api]["returns"]
+        names = [p["parameter_name"] for p in params]
+        assert "frames" not in names and "fps" not in names  # an image model takes neither
+        undocumented = [p["parameter_name"] for p in params if not p["python_type"]["description"]]
+        assert not undocumented, undocumented
+        assert not [p for p in params if p["python_type"]["type"].startswith("None |")]  # the client adds "| None"
+        labels = [r["label"] for r in returns]
+        assert labels[3] == "Summary" and not [x for x in labels if x.startswith("value_")], labels
+    by = {p["parameter_name"]: p for p in named["/generate"]["parameters"]}
+    assert by["tokens_max_downsample"]["python_type"]["type"] == "int"  # number choices are numbers
+    assert "one of 1, 2, 4, 8" in by["tokens_max_downsample"]["python_type"]["description"]
+    assert by["steps"]["python_type"]["type"] == "int" and "1 to 400" in by["steps"]["python_type"]["description"]
+    assert "a multiple of 8" in by["width"]["python_type"]["description"]
+    assert "tokens.ratio of the preset when left out" in by["tokens_ratio"]["python_type"]["description"]
+    text = image_app.client.view_api(print_info=False, return_format="str")
+    assert "None | float | None" not in text and "value_" not in text
+    video = video_app.client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]
+    vby = {p["parameter_name"]: p for p in video["parameters"]}
+    assert vby["frames"]["parameter_default"] == 9 and "fps" in vby
+    assert "a multiple of 16" in vby["width"]["python_type"]["description"]
+
+
+def test_the_page_says_which_presets_are_the_same(image_app):
+    dropdown = next(b for b in image_app.demo.blocks.values() if getattr(b, "elem_id", None) == "preset")
+    same = accel.preset("fast", "sd15") == accel.preset("balanced", "sd15")
+    assert ("fast is the same as balanced" in (dropdown.info or "")) == same
+    preset = next(p for p in image_app.client.view_api(print_info=False, return_format="dict")["named_endpoints"][
+        "/generate"]["parameters"] if p["parameter_name"] == "preset")
+    assert ("fast is the same as balanced" in preset["python_type"]["description"]) == same
+
+
+def test_summary_says_why_a_technique_did_not_engage(image_app):
+    r = image_app.call(prompt="a cat", steps=2)  # balanced: token merging, but not at this size
+    tokens = math.prod(r["stats"]["grid"])
+    floor = accel.preset("balanced", "sd15").tokens.min_tokens
+    assert tokens < floor and f"token merging: not engaged ({tokens} tokens < min_tokens {floor})" in r["summary"]
+    assert "realised ratio" not in r["summary"] and "reduced blocks 0" not in r["summary"]
+    assert "step cache reused" in r["summary"]  # what did engage, in the words of Compare's "engaged" list
 
 
 def test_stop_ends_a_long_run_promptly_and_the_next_request_works(image_app):
@@ -205,6 +345,22 @@ def test_a_client_that_goes_away_stops_its_run_and_frees_the_worker(image_app):
             break
     stream.close()  # the client goes away
     _stopped_and_the_worker_is_free(image_app, before)
+
+
+def test_compare_stop_says_which_pass_it_ended(image_app):
+    from accel.web.run import OUTPUTS, handler
+    from accel.web.stop import Runs
+
+    runs = Runs()
+    run = handler("compare", image_app.engine, web_controls.knobs(hide=("parallel",)), "sd15", runs)
+
+    def progress(step, desc="", **_):
+        if desc.startswith("baseline") and step[0] >= 2:
+            runs.stop("page-2")
+
+    answer = asyncio.run(run([], SimpleNamespace(session_hash="page-2"), progress, prompt="a long run", steps=400))
+    text = answer[OUTPUTS.index("summary")]
+    assert re.search(r"Stopped the baseline warm-up after [23] of 400 steps\*\*; nothing was written", text), text
 
 
 def test_stop_answers_how_far_the_run_got(image_app):
@@ -277,7 +433,9 @@ def test_example_prompts_use_words_the_built_in_model_knows(model, video):
 
     words = set(VOCABULARY if model.startswith("ref-") else WORDS)
     prompts = example_prompts(model, video)
-    assert prompts and placeholder(model, video) == prompts[0]
+    # the placeholder reads as a hint, not as a prompt already typed in (the first Generate would say "empty")
+    hint = placeholder(model, video)
+    assert prompts and hint.startswith("Type a prompt") and f"“{prompts[0]}”" in hint and hint not in prompts
     for p in prompts:
         assert not [w for w in p.replace(",", " ").split() if w not in words], p
 
@@ -287,9 +445,31 @@ def test_the_page_shows_examples_and_a_placeholder_the_model_knows(image_app):
 
     blocks = image_app.demo.blocks.values()
     prompt = next(b for b in blocks if getattr(b, "elem_id", None) == "prompt")
-    assert prompt.placeholder == example_prompts("tiny-sd15", False)[0]
+    hint = prompt.placeholder
+    assert hint.startswith("Type a prompt") and example_prompts("tiny-sd15", False)[0] in hint
     (examples,) = [b for b in blocks if type(b).__name__ == "Dataset"]
     assert [row[0] for row in examples.raw_samples] == example_prompts("tiny-sd15", False)
+
+
+def test_a_config_error_shows_under_its_field_and_the_json_says_it_is_stale(image_app):
+    demo = image_app.demo
+    show = next(fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "show_config")
+    widgets = show.inputs[1:]
+    interval = [w.elem_id for w in widgets].index("knob-cache-interval")
+    values = [w.value for w in widgets]
+    values[interval] = 0
+    out = dict(zip([o.elem_id for o in show.outputs], show.fn("balanced", *values), strict=True))
+    box = out["config_error-cache-interval"]
+    assert box["visible"] and "cache.interval: 0 is out of range" in box["value"]  # right under the field
+    assert not out["config_error-cache"]["visible"] and out["config_error"] == ""
+    shown = [k for k, v in out.items() if (k or "").startswith("config_error-") and isinstance(v, dict)
+             and v["visible"]]
+    assert shown == ["config_error-cache-interval"], shown
+    assert "last valid" in out["config_json"]["label"]  # the JSON keeps the last valid config, and says so
+    values[interval] = 2
+    out = dict(zip([o.elem_id for o in show.outputs], show.fn("balanced", *values), strict=True))
+    assert not out["config_error-cache-interval"]["visible"] and "last valid" not in out["config_json"]["label"]
+    assert json.loads(out["config_json"]["value"])["cache"]["interval"] == 2
 
 
 def test_files_are_served_only_from_the_output_folder(image_app, tmp_path):
@@ -388,12 +568,17 @@ def test_video_generate_and_compare(video_app):
     assert data[4:8] == b"ftyp" and b"avc1" in data[:4096]  # H.264 MP4: what browsers play
     assert r["stats"]["family"] == "wan"
     side = _sidecar_of(video_app.engine.out_dir, Path(item["video"]).name)
-    assert side["call"]["num_frames"] == 5 and side["fps"] == 4
+    assert side["call"]["num_frames"] == 5 and side["fps"] == 4 and side["frames"] == 5
+    # Wan makes 4k+1 frames: asked for 8, it makes 9, and the sidecar says what it made beside what was asked
+    r = video_app.call(prompt="a ball moving right", steps=1, frames=8)
+    side = _sidecar_of(video_app.engine.out_dir, Path(r["result"][0]["video"]).name)
+    assert side["call"]["num_frames"] == 8 and side["frames"] == 9
 
     r = video_app.call("/compare", prompt="a ball moving right", steps=2, frames=5)
     (base,), (acc,) = r["baseline"], r["result"]
     assert base["video"].endswith(".mp4") and acc["video"].endswith(".mp4")
-    assert r["metrics"]["ssim"] == 1.0 and r["metrics"]["speedup"] > 0
+    m = r["metrics"]
+    assert m["ssim"] == 1.0 and (m["speedup"] > 0 if m["engaged"] else m["speedup"] is None)
     with pytest.raises(AppError, match="frames: 33 is more than this server allows: at most 9 frames"):
         video_app.call(prompt="a ball", frames=33)
 
@@ -585,3 +770,38 @@ def test_a_config_file_is_offered_as_preset_config_and_runs(tmp_path, tiny_cache
     bad.write_text("cache: {interval: 0}\n")
     assert cli.main(["app", "--model", "tiny-sd15", "--config", str(bad)]) == 2
     assert "cache.interval" in capsys.readouterr().err
+
+
+def test_a_speed_up_within_the_noise_says_so_and_none_is_claimed_when_nothing_engaged():
+    from accel.web.engine import Result
+    from accel.web.history import entry
+    from accel.web.run import summary
+
+    assert within_noise([1.0, 1.4], [0.9, 1.1]) and within_noise([1.0, 1.2], [1.2, 1.3])  # ranges that overlap
+    assert not within_noise([1.0, 1.2], [0.7, 0.9]) and not within_noise([0.5, 0.6], [0.7, 0.9])
+
+    def result(engaged, accelerated_range, speedup):
+        metrics = {"psnr": 30.0, "ssim": 0.95, "baseline_s": 1.2, "accelerated_s": 1.0, "repeats": 2,
+                   "baseline_range": [1.1, 1.3], "accelerated_range": accelerated_range, "speedup": speedup,
+                   "engaged": engaged, "within_noise": within_noise([1.1, 1.3], accelerated_range)}
+        return Result("compare", 0, [], seconds={"accelerated": 1.0, "baseline": 1.2}, metrics=metrics,
+                      stats={"steps": 4})
+
+    noisy = summary(result(["step cache reused 2 of 4 denoiser computations"], [0.9, 1.14], 1.2), "preset `fast`")
+    assert "speedup **1.20x, within noise**" in noisy and "(1.1-1.3 s)" in noisy and "(0.9-1.14 s)" in noisy
+    clear = summary(result(["step cache reused 2 of 4 denoiser computations"], [0.9, 1.0], 1.2), "preset `fast`")
+    assert "speedup **1.20x**" in clear and "noise" not in clear
+    idle = summary(result([], [0.9, 1.0], None), "preset `balanced`", enabled=True)
+    assert "nothing engaged at this size (preset `balanced`)" in idle and "speedup" not in idle
+    off = summary(result([], [0.9, 1.0], None), "preset `off`", enabled=False)
+    assert off.startswith("preset `off` turns every technique off") and "at this size" not in off
+    assert entry({"compare": result([], [0.9, 1.0], None).metrics, "seed": 1}, "x.png")["caption"] == \
+        "nothing engaged · s1"
+    record = {"compare": result(["x"], [0.9, 1.14], 1.2).metrics, "seed": 1}
+    assert entry(record, "x.png")["caption"] == "1.2x within noise, PSNR 30.0 · s1"
+
+
+def test_randomize_seed_takes_true_or_false(image_app):
+    r = image_app.call(prompt="a cat", steps=1, seed=5, randomize_seed=True)
+    assert isinstance(r["seed"], int) and f"seed {r['seed']})" in r["summary"]
+    assert image_app.call(prompt="a cat", steps=1, seed=5, randomize_seed=False)["seed"] == 5
