@@ -206,3 +206,20 @@ def test_refitting_on_the_students_own_outputs_keeps_exactness_and_closes_the_ga
     refit = refit_olss(pipe, runs, traj, plain)
     assert refit.config.timesteps == plain.config.timesteps  # the same path, other weights
     assert worst(refit) > worst(plain) + 6
+
+
+def test_batch_runs_every_row_with_the_configs_sampler(tmp_path):
+    """A tuned file's solver section reaches accel batch: each row runs the config's scheduler at its step count,
+    and the sidecar says what the row asked and what ran."""
+    import json
+
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "tuned.yaml").write_text("solver: {scheduler: dpm++2m, steps: 3}\n")
+    assert cli.main(["batch", str(tmp_path / "p.txt"), "--model", "tiny-sd15", "--steps", "6", "--height", "64",
+                     "--width", "64", "--config", str(tmp_path / "tuned.yaml"), "--out", str(tmp_path / "out"),
+                     "--no-progress"]) == 0
+    sides = sorted((tmp_path / "out").glob("*.png.json"))
+    assert len(sides) == 2
+    for side in sides:
+        solver = json.loads(side.read_text())["stats"]["solver"]
+        assert solver == {"scheduler": "DPMSolverMultistepScheduler", "steps": 3, "asked_steps": 6, "changed": True}
