@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..pipelines.load import DEFAULT_MODEL, ModelLoadError, default_device, load, quiet_loading
 from ..io.outputs import keep_text
+from ..pipelines.load import DEFAULT_MODEL, ModelLoadError, default_device, load, quiet_loading
 from .args import UsageError, check_output, positive_int, row_field
 
 DESCRIPTION = "`accel bench`: speed and fidelity of presets, config files, sweeps and peers on any model, in one run."

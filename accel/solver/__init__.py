@@ -7,7 +7,8 @@ the flow-matching solvers, or an OLSS scheduler fitted to the model). Configured
 from .._lazy import lazy
 
 _EXPORTS = {"SolverConfig": ".config", "PRESETS": ".config", "apply_technique": ".hooks",
-            "OLSSScheduler": ".olss", "Trajectories": ".olss", "fit_olss": ".olss", "record_trajectories": ".olss", "refit_olss": ".olss",
+            **dict.fromkeys(("OLSSScheduler", "Trajectories", "fit_olss", "record_trajectories", "refit_olss"),
+                            ".olss"),
             "SCHEDULERS": ".schedulers", "build": ".schedulers", "candidates": ".schedulers",
             "is_flow": ".schedulers"}
 __getattr__, __dir__ = lazy(__name__, _EXPORTS)

@@ -84,8 +84,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         ``timesteps`` (Flux and SD3 compute them from the step count) are not used, and a step count other
         than the fitted one is refused."""
         if num_inference_steps is not None and num_inference_steps != self.num_inference_steps:
-            raise ValueError(f"OLSSScheduler was fitted for {self.num_inference_steps} steps, not {num_inference_steps}; "
-                             f"call with num_inference_steps={self.num_inference_steps} (solver.steps)")
+            raise ValueError(f"OLSSScheduler was fitted for {self.num_inference_steps} steps, not "
+                             f"{num_inference_steps}; call with num_inference_steps={self.num_inference_steps} "
+                             "(solver.steps)")
         self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
         self._reset()
 
@@ -189,7 +190,8 @@ def record_trajectories(pipe, calls) -> Trajectories:
     if not runs:
         raise ValueError("OLSS: no run recorded")
     return Trajectories(steps_seen, torch.stack([r[0] for r in runs]), torch.stack([r[1] for r in runs]),
-                        [scales.get(i, 1.0) for i in range(len(steps_seen))], float(getattr(scheduler, "init_noise_sigma", 1.0)),
+                        [scales.get(i, 1.0) for i in range(len(steps_seen))],
+                        float(getattr(scheduler, "init_noise_sigma", 1.0)),
                         type(scheduler).__name__, sigmas,
                         int(dict(scheduler.config).get("num_train_timesteps", 1000)))
 
@@ -265,7 +267,7 @@ def fit_olss(traj: Trajectories, steps: int) -> OLSSScheduler:
     e = [_flat(traj.e[:, i], rows) for i in range(traj.steps)]
     path = _path(traj, steps, x, e)
     wx, we, errors = [], [], []
-    for i, j in enumerate(path):
+    for i in range(len(path)):
         target = x[path[i + 1]] if i + 1 < len(path) else x[traj.steps]
         w, err = _fit([x[0]] + [e[k] for k in path[:i + 1]], target)
         wx.append(float(w[0]))

@@ -128,7 +128,8 @@ def test_a_tuned_file_with_a_fitted_scheduler_round_trips_through_generate(tiny_
     out = tmp_path / "results" / "tuned.yaml"
     out.parent.mkdir()
     kept = _keep_olss(outcome, out)
-    assert kept.pick_config.solver.olss == "tuned.olss" and (out.parent / "tuned.olss" / "scheduler_config.json").is_file()
+    assert kept.pick_config.solver.olss == "tuned.olss"
+    assert (out.parent / "tuned.olss" / "scheduler_config.json").is_file()
     out.write_text(tune.config_text(kept, model="tiny-sd15", floor=30, calls=3))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -198,7 +199,7 @@ def test_refitting_on_the_students_own_outputs_keeps_exactness_and_closes_the_ga
                     .images[0] for kw, seed in runs]
         finally:
             pipe.scheduler = original
-        return min(compare(np.asarray(t), np.asarray(o))["psnr"] or 200.0 for t, o in zip(teacher, outs))
+        return min(compare(np.asarray(t), np.asarray(o))["psnr"] or 200.0 for t, o in zip(teacher, outs, strict=True))
 
     full = refit_olss(pipe, runs, traj, fit_olss(traj, traj.steps))
     assert full.config.teacher["refit"] and worst(full) > 60
