@@ -244,6 +244,12 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
     final: list[bench.Result] = []
     if passing and stopped is None:
         chosen = sorted(passing, key=lambda r: r.seconds)[:shortlist]
+        # a near-tie with the fastest (same work, other noise) that keeps more on its worst prompt is timed too:
+        # the preset rule would pick it if measured
+        fastest = min(r.seconds for r in passing)
+        tied = [r for r in passing if r.seconds <= fastest * (1 + presets.SPEED_TIE)]
+        keeper = max(tied, key=lambda r: r.psnr_worst if r.psnr_worst is not None else float("inf"))
+        chosen += [keeper] if keeper not in chosen else []
         if passing_presets:
             top_preset = min(passing_presets, key=lambda r: r.seconds)
             chosen += [top_preset] if top_preset not in chosen else []
