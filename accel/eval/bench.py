@@ -117,6 +117,10 @@ class Result:
         """Every call's PSNR against the baseline is at least ``floor`` dB (identical counts as inf)."""
         return self.ran and all(p is None or p >= floor for p in self.per_call_psnr)
 
+    def keeps_scores(self, reference: dict | None) -> bool:
+        """Every checker score (built-in trained models) is at least the baseline's ``reference`` score."""
+        return all((self.scores or {}).get(k, v) >= v for k, v in (reference or {}).items())
+
 
 def _scorer(model: str):
     """The checker for a built-in trained model: (outputs, items) -> scores."""

@@ -3,8 +3,9 @@
     accel tune --model ref-dit --prompts prompts.txt --min-psnr 32 --out tuned.yaml
     accel generate --model ref-dit --config tuned.yaml --prompt "..."
 
-The floor is PSNR against the unaccelerated output of the same prompt and seed, checked per prompt:
-a setting passes only if its worst prompt meets it (a fixed cache threshold of 0.2 gave 42.8 dB on
+The floor is PSNR against the unaccelerated output of the same prompt and seed, checked per prompt
+(and on the built-in trained models, every checker score at least the baseline's): a setting passes only
+if its worst prompt meets it (a fixed cache threshold of 0.2 gave 42.8 dB on
 one prompt and 22.3 dB on another). The search, on the user's model, prompts and call:
 
 1. Calibrate: a DiT's block-cache change thresholds are read off the user's prompts (the quantiles
@@ -157,6 +158,11 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
     stopped = None
     bar = bench._progress(0, progress, "accel tune")
 
+    def holds(r: bench.Result) -> bool:
+        """The floor on every prompt, and on the built-in trained models the checker's scores of the baseline."""
+        b = results.get(base.label)
+        return r.meets(floor) and r.keeps_scores(b.scores if b else None)
+
     def out_of_time() -> bool:
         return budget_s is not None and time.monotonic() - t0 > budget_s
 
@@ -206,7 +212,7 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
                         if s.technique == "preset" and not s.config.enabled:
                             continue
                         r = screen(s)
-                        if not r.meets(floor):
+                        if not holds(r):
                             if tech != "preset":
                                 break  # the rest of this knob removes more
                             continue
@@ -239,7 +245,7 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
         bar.close()
 
     # a setting that did nothing on these calls (identical output) is never a pick, whatever the clock said
-    passing = [r for r in results.values() if r.kind != "baseline" and r.meets(floor) and r.speedup and r.engaged]
+    passing = [r for r in results.values() if r.kind != "baseline" and holds(r) and r.speedup and r.engaged]
     passing_presets = [r for r in passing if r.kind == "preset"]
     final: list[bench.Result] = []
     if passing and stopped is None:
@@ -259,7 +265,7 @@ def search(work: bench.Workload, floor: float, *, budget_s: float | None = None,
             stopped = "interrupted"
             final = []
     ranked = [r for r in (final or list(results.values()))
-              if r.kind != "baseline" and r.ran and r.meets(floor) and r.engaged]
+              if r.kind != "baseline" and r.ran and holds(r) and r.engaged]
     # the preset rule (accel.presets.pick): faster than the baseline, and within SPEED_TIE of the fastest
     # counts as equally fast (the higher worst-prompt PSNR wins); the floor holds on every prompt
     pick = presets.pick(ranked, psnr="psnr_worst")

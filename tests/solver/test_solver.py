@@ -224,3 +224,23 @@ def test_batch_runs_every_row_with_the_configs_sampler(tmp_path):
     for side in sides:
         solver = json.loads(side.read_text())["stats"]["solver"]
         assert solver == {"scheduler": "DPMSolverMultistepScheduler", "steps": 3, "asked_steps": 6, "changed": True}
+
+
+def test_tune_holds_the_checkers_scores_as_well_as_the_psnr_floor(tiny_cache):
+    """On a scored model a setting that changes what the checker reads is no pick, however high its PSNR."""
+    pipe = tiny_cache("sd15")
+    pipe.set_progress_bar_config(disable=True)
+    work = bench.workload(pipe, "tiny-sd15", prompts=["a red circle"], steps=6, device="cpu")
+    first = {}
+
+    def scorer(outputs, items):  # reads the baseline right, any changed output wrong
+        first.setdefault("outs", [np.asarray(o).copy() for o in outputs])
+        same = all(np.array_equal(a, np.asarray(b)) for a, b in zip(first["outs"], outputs, strict=True))
+        return {"colour": 1.0 if same else 0.5}
+
+    work.scorer = scorer
+    outcome = tune.search(work, 5.0, progress=False, repeats=1, log=lambda m: None, steps_axis=False)
+    changed = [r for r in outcome.screened if r.kind != "baseline" and r.ran and r.psnr is not None]
+    assert changed and all(r.meets(5.0) for r in changed)  # the PSNR floor alone would pass them
+    assert outcome.pick is None
+    assert not changed[0].keeps_scores({"colour": 1.0}) and changed[0].keeps_scores({"colour": 0.5})
