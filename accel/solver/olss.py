@@ -87,7 +87,10 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"OLSSScheduler was fitted for {self.num_inference_steps} steps, not "
                              f"{num_inference_steps}; call with num_inference_steps={self.num_inference_steps} "
                              "(solver.steps)")
-        self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
+        if device is not None:  # the weights go with the timesteps once, not with every step
+            self.timesteps = self.timesteps.to(device)
+            self._wx = self._wx.to(device)
+            self._we = [w.to(device) for w in self._we]
         self._reset()
 
     def set_begin_index(self, begin_index: int = 0) -> None:
@@ -283,14 +286,11 @@ def fit_olss(traj: Trajectories, steps: int) -> OLSSScheduler:
 
 class _Refit(OLSSScheduler):
     """`refit_olss`'s scheduler: at each step it fits that step's weights on the model outputs of the run in flight
-    (the student's own), against the teacher's latents, then steps with them."""
+    (the student's own), against the teacher's latents (``targets``, over the coordinates ``rows``), then steps
+    with them."""
 
-    def __init__(self, base: OLSSScheduler, targets: list[torch.Tensor], rows):
-        c = base.config
-        super().__init__(timesteps=list(c.timesteps), wx=list(c.wx), we=[list(w) for w in c.we],
-                         input_scales=list(c.input_scales or []), init_noise_sigma=c.init_noise_sigma,
-                         sigmas=c.sigmas, num_train_timesteps=c.num_train_timesteps, teacher=dict(c.teacher or {}))
-        self.targets, self.rows, self.errors = targets, rows, []
+    targets: list
+    rows = None
 
     def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
         i = self._step
@@ -300,17 +300,15 @@ class _Refit(OLSSScheduler):
         basis.append(_flat(model_output, self.rows))
         w, err = _fit(basis, self.targets[i])
         self._wx[i] = w[0]
-        self._we[i] = w[1:].clone()
+        self._we[i] = w[1:].to(self._wx.device)
         self.errors.append(err)
         return super().step(model_output, timestep, sample, *args, return_dict=return_dict, **kwargs)
 
     def fitted(self) -> OLSSScheduler:
-        c = self.config
-        teacher = {**(c.teacher or {}), "refit": True, "relative_errors": [float(f"{v:.3g}") for v in self.errors]}
-        return OLSSScheduler(timesteps=list(c.timesteps), wx=[float(v) for v in self._wx],
-                             we=[[float(v) for v in w] for w in self._we], input_scales=list(c.input_scales or []),
-                             init_noise_sigma=c.init_noise_sigma, sigmas=c.sigmas,
-                             num_train_timesteps=c.num_train_timesteps, teacher=teacher)
+        teacher = {**(self.config.teacher or {}), "refit": True,
+                   "relative_errors": [float(f"{v:.3g}") for v in self.errors]}
+        return OLSSScheduler.from_config({**self.config, "wx": self._wx.tolist(),
+                                          "we": [w.tolist() for w in self._we], "teacher": teacher})
 
 
 def refit_olss(pipe, calls, traj: Trajectories, sch: OLSSScheduler) -> OLSSScheduler:
@@ -329,7 +327,8 @@ def refit_olss(pipe, calls, traj: Trajectories, sch: OLSSScheduler) -> OLSSSched
     path = list(sch.config.teacher["path"]) + [traj.steps]
     rows = _rows(traj)
     targets = [_flat(traj.x[:, path[i + 1]], rows) for i in range(len(sch))]
-    student = _Refit(sch, targets, rows)
+    student = _Refit.from_config(sch.config)
+    student.targets, student.rows, student.errors = targets, rows, []
     original = pipe.scheduler
     pipe.scheduler = student
     try:
