@@ -234,6 +234,24 @@ class Adapter:
             return out
         return [(n, m) for n, m in _unet_ordered(self.module) if type(m).__name__ == "BasicTransformerBlock"]
 
+    def stages(self) -> list[tuple[str, torch.nn.Module, bool]]:
+        """The denoiser's sequential stages, in execution order, to split it into components.
+
+        (name, module, skip): DiT blocks; UNet ``conv_in``, down blocks, mid block, up blocks. ``skip``
+        marks a stage whose output is also read by later stages than the next one (a UNet's skip
+        connections: ``conv_in`` and every down block). Everything outside the stages (embeddings,
+        final norm and projection) is cheap and runs wherever the denoiser runs.
+        """
+        if self.family.kind == "dit":
+            return [(n, m, False) for n, m in self.blocks()]
+        m = self.module
+        out = [("conv_in", m.conv_in, True)]
+        out += [(f"down_blocks.{i}", b, True) for i, b in enumerate(m.down_blocks)]
+        if getattr(m, "mid_block", None) is not None:
+            out.append(("mid_block", m.mid_block, False))
+        out += [(f"up_blocks.{i}", b, False) for i, b in enumerate(m.up_blocks)]
+        return out
+
     def attention(self) -> list[AttentionSite]:
         """Attention modules in execution order with their roles."""
         sites = []

@@ -1,4 +1,5 @@
-"""Multi-GPU parallelism on torch.distributed: CFG, sequence (Ulysses), displaced patch, clip, VAE.
+"""Multi-GPU parallelism on torch.distributed: CFG, sequence (Ulysses), displaced patch, clip, components
+(AsyncDiff), VAE.
 
     import accel
     accel.parallelize(pipe, accel.ParallelConfig(cfg=2, sequence=2))   # under torchrun, 4 ranks

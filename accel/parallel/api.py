@@ -1,6 +1,7 @@
 """`parallelize` / `unparallelize`: put the parallel strategies on a pipeline, and take them off.
 
     accel.parallelize(pipe, accel.ParallelConfig(cfg=2, sequence=2))   # under torchrun, 4 processes
+    accel.parallelize(pipe, accel.ParallelConfig(components=2))         # AsyncDiff, 2 processes
     out = pipe(**kwargs)                    # same call on every rank, same seed; rank 0 saves
     accel.parallel.unparallelize(pipe)      # restores the pipeline exactly
 
@@ -93,6 +94,11 @@ def check(pipe, cfg: ParallelConfig) -> list[str]:
 
             check_clip(fam, cfg)
             names.append("clip")
+        if cfg.components > 1:
+            from .components import check_components
+
+            check_components(Adapter(module, component), cfg.components)
+            names.append(f"components:{cfg.components}")
     if cfg.vae:
         if isinstance(pipe, torch.nn.Module) or getattr(pipe, "vae", None) is None:
             raise ConfigError("parallel.vae: the pipeline has no vae component to decode in parallel")
@@ -162,6 +168,10 @@ def _parallelize_denoiser(pipe, adapter: Adapter, cfg, groups, ledger, handle, r
     state = LoopState(view, module)
     if cfg.sequence > 1 and _sequence_backend(cfg, module) == "diffusers":
         _diffusers_context_parallel(module, cfg, ledger, replicas)
+    elif cfg.components > 1:
+        from .components import apply_components
+
+        apply_components(ledger, adapter, groups, state, cfg, handle.stats)
     elif cfg.clip > 1:
         from .clip import apply_clip
 

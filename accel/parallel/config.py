@@ -34,8 +34,15 @@ class ParallelConfig(ConfigBase):
         clip: clip parallel degree for video DiTs (Wan, CogVideoX, LTX; Video-Infinity): the
             latent frames are cut into that many contiguous clips, one per rank.
         vae: decode latent tiles across all ranks.
+        components: AsyncDiff: the denoiser is cut at block boundaries into that many components of
+            equal measured cost, one per rank; after the warm-up every component runs at once on the
+            previous step's hand-over from the component before it. Lossy; UNets and DiTs.
     Tinkering:
-        warmup_steps: fully synchronous steps before displaced (stale) communication starts.
+        warmup_steps: fully synchronous steps before displaced (stale) communication starts (patch)
+            or before the components run asynchronously (components; every rank then computes the
+            whole denoiser, so a warm-up covering every step equals one process).
+        component_stride: components run and hand over every that many steps; the steps between
+            reuse the last prediction (AsyncDiff's stride: less communication and compute, more loss).
         patch_kv_fraction: PCPP, the fraction of the other patches' K/V tokens each rank attends
             to in async steps (1.0 = all).
         sequence_backend: ``auto`` (diffusers' context parallelism where the model has
@@ -58,6 +65,8 @@ class ParallelConfig(ConfigBase):
     warmup_steps: int = spec(1, min=0, help="fully synchronous steps before stale communication")
     patch_kv_fraction: float = spec(1.0, min=0.0, max=1.0, min_exclusive=True,
                                     help="PCPP: fraction of other patches' K/V tokens used in async steps")
+    components: int = spec(1, min=1, help="AsyncDiff: the denoiser split into this many components, one per rank")
+    component_stride: int = spec(1, min=1, help="components run every that many steps; the steps between reuse")
     clip: int = spec(1, min=1, help="clip parallel degree for video DiTs: frames split into clips across ranks")
     clip_neighbour_frames: int = spec(1, min=0, help="frames of each adjacent clip every clip attends to")
     clip_global_tokens: int = spec(8, min=0, help="strided tokens of every other clip every clip attends to")
@@ -71,8 +80,8 @@ class ParallelConfig(ConfigBase):
 
     @property
     def inner(self) -> int:
-        """Degree of the token-axis strategy (sequence, patch or clip)."""
-        return max(self.sequence, self.patch, self.clip)
+        """Degree of the strategy inside a CFG branch (sequence, patch, clip or components)."""
+        return max(self.sequence, self.patch, self.clip, self.components)
 
     @property
     def world_size(self) -> int:
@@ -83,11 +92,13 @@ class ParallelConfig(ConfigBase):
         return ASYNC_ALIASES.get(self.patch_mode, self.patch_mode)
 
     def validate(self) -> None:
-        on = [n for n in ("sequence", "patch", "clip") if getattr(self, n) > 1]
+        on = [n for n in ("sequence", "patch", "clip", "components") if getattr(self, n) > 1]
         if len(on) > 1:
+            what = ("the denoiser by blocks while the other splits its tokens" if "components" in on[:2]
+                    else "the same token axis")
             raise ConfigError(f"parallel.{on[1]}: {getattr(self, on[1])!r} cannot be combined with "
-                              f"{on[0]}={getattr(self, on[0])}; they split the same token axis. "
-                              "Use one of sequence, patch or clip (each composes with cfg=2)")
+                              f"{on[0]}={getattr(self, on[0])}; one splits {what}. "
+                              "Use one of sequence, patch, clip or components (each composes with cfg=2)")
 
 
 PRESETS: dict = {}  # parallel degrees depend on the machine, not on a quality/speed preset

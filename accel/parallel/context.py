@@ -1,7 +1,7 @@
 """Per-pipeline parallel state: the process groups and where the denoising loop is.
 
 Ranks are laid out as ``rank = c * inner + i``: ``c`` is the CFG branch (0 = unconditional,
-1 = conditional), ``i`` the position along the token axis (a sequence shard or a row patch).
+1 = conditional), ``i`` the position inside the branch (a sequence shard, a row patch, a clip or a component).
 Where the loop is (the denoiser's step, the forward's index within the step, the CFG branch the
 pipeline named) comes from the loop observer (`accel.loop`), which every technique shares.
 """
@@ -31,7 +31,7 @@ class Groups:
         n, size = world_size(), cfg.world_size
         if n != size * replicas:
             copies = f"{replicas} copies x " if replicas > 1 else ""
-            axis = next((a for a in ("sequence", "patch", "clip") if getattr(cfg, a) > 1), "token axis")
+            axis = next((a for a in ("sequence", "patch", "clip", "components") if getattr(cfg, a) > 1), "token axis")
             raise ParallelError(
                 f"parallel: world size {n} does not match the degrees ({copies}cfg={cfg.cfg} x "
                 f"{axis}={cfg.inner} "

@@ -4,7 +4,9 @@
   context parallelism (Flux has ``_cp_plan``) and with our Ulysses;
 - ``replicas=2`` x cfg=2: the world holds two copies of the pipeline on ranks {0,1} and {2,3},
   each running its own prompt (the batch driver's group of ranks per image);
-- cfg=2 x clip=2 on tiny Wan (`clip_checks.cfg_clip`: one 4-process group for all of them).
+- cfg=2 x clip=2 on tiny Wan (`clip_checks.cfg_clip`: one 4-process group for all of them);
+- cfg=2 x components=2 on tiny Flux with true CFG (4 steps): a warm-up over every step equals one
+  process; the default runs asynchronous steps in each branch's own pair of ranks.
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ def run(rank: int, path: str) -> None:
                            "other_max_abs": [float(g[1]) for g in gathered],
                            "cfg_gathers": [int(g[2]) for g in gathered]}
     results["restored_max_abs"] = float(np.abs(_images(pipe, prompt=PROMPTS[0]) - refs[0]).max())
+    ref4 = _images(pipe, prompt=PROMPTS[0], num_inference_steps=4)
+    for label, cfg in [("cfg_components_sync", {"cfg": 2, "components": 2, "warmup_steps": 4}),
+                       ("cfg_components", {"cfg": 2, "components": 2})]:
+        accel.parallelize(pipe, ParallelConfig(**cfg))
+        out = _images(pipe, prompt=PROMPTS[0], num_inference_steps=4)
+        stats = parallel_stats(pipe)
+        unparallelize(pipe)
+        everyone = [None] * 4
+        torch.distributed.all_gather_object(everyone, {
+            "max_abs": float(np.abs(out - ref4).max()), "strategies": stats["strategies"],
+            "cfg_gathers": stats.get("cfg_gathers", 0), "async_steps": stats.get("component_async_steps", 0)})
+        results[label] = everyone
     import clip_checks  # beside this script
 
     everyone = [None] * 4

@@ -3,6 +3,8 @@
 ``python dead_rank.py spawn``: through `accel.parallel.spawn` (the group is taken down).
 ``python dead_rank.py env RANK PORT``: one rank of a torchrun-style (env://) group; rank 0 must
 raise ParallelError from its collective instead of hanging.
+``python dead_rank.py components RANK PORT``: the same group running tiny Flux with ``components=2``;
+rank 1 dies at step 4 (after the warm-up, while hand-overs flow), rank 0 must raise ParallelError.
 """
 
 import os
@@ -29,6 +31,26 @@ def body(rank: int) -> None:
         raise
 
 
+def components(rank: int) -> None:
+    import accel
+    from accel.pipelines import tiny
+
+    pipe = tiny.make("flux")
+    accel.parallelize(pipe, accel.ParallelConfig(components=2, timeout_s=10))
+
+    def die(pipe, step, timestep, kwargs):
+        if rank == 1 and step == 4:
+            os._exit(3)
+        return kwargs
+
+    t0 = time.time()
+    try:
+        pipe(**tiny.example_inputs("flux", num_inference_steps=8), callback_on_step_end=die)
+    except Exception as e:
+        print(f"error after {time.time() - t0:.1f}s", flush=True)
+        raise e
+
+
 if __name__ == "__main__":
     from accel.parallel import ParallelError, init, spawn
 
@@ -43,7 +65,7 @@ if __name__ == "__main__":
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         init("gloo", timeout_s=10)
         try:
-            body(rank)
+            components(rank) if sys.argv[1] == "components" else body(rank)
         except ParallelError as e:
             print(f"ParallelError: {e}", flush=True)
             sys.exit(2)

@@ -46,4 +46,14 @@ def test_clip_composes_with_cfg_parallel(results):
         assert r["max_abs"] <= EXACT
         assert r["cfg_gathers"] == 2 and r["clip_kv_bytes"] > 0
 
+def test_components_compose_with_cfg_parallel(results):
+    for r in results["cfg_components_sync"]:  # 4 processes: each CFG branch split into 2 components
+        assert r["strategies"] == ["cfg", "components:2"]
+        assert r["max_abs"] <= EXACT and r["async_steps"] == 0 and r["cfg_gathers"] == 4
+    ranks = results["cfg_components"]
+    assert all(r["async_steps"] >= 1 for r in ranks)  # both branches' pairs handed over asynchronously
+    assert all(0 < r["max_abs"] < 0.2 for r in ranks)
+    assert len({r["max_abs"] for r in ranks}) == 1  # every rank ends with the same image
+
+
 pytestmark = [pytest.mark.multiprocess]

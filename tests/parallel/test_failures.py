@@ -41,6 +41,25 @@ def test_dead_rank_stops_the_group_with_an_error():
     elapsed = float(out0.split("error after ")[1].split("s")[0])
     assert elapsed < ERROR_WITHIN_S
 
+
+def test_a_dead_rank_stops_the_components_group_with_an_error():
+    t0 = time.time()
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, SCRIPT, "components", str(r), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        out0, err0 = ranks[0].communicate(timeout=BOUND_S)
+        ranks[1].wait(timeout=10)
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+    assert ranks[1].returncode == 3
+    assert ranks[0].returncode == 2, err0[-2000:]
+    assert "ParallelError: rank 0:" in out0 and "another rank stopped responding" in out0
+    assert time.time() - t0 < BOUND_S
+
+
 import pytest  # noqa: E402
 
 pytestmark = [pytest.mark.multiprocess]
