@@ -32,12 +32,19 @@ SPEED = [
     ("shape:sd15:layers_per_block=1", {"height": 256, "width": 256, "steps": 8},
      [("cfg=2", {"cfg": 2}), ("components=2", {"components": 2}),
       ("components=2 stride 2", {"components": 2, "component_stride": 2})]),
-    ("shape:flux:num_layers=1,num_single_layers=2", {"height": 256, "width": 256, "steps": 8,
+    ("shape:flux:num_layers=2,num_single_layers=4", {"height": 256, "width": 256, "steps": 8,
                                                      "extra": {"max_sequence_length": 64}},
      [("components=2", {"components": 2}), ("components=2 stride 2", {"components": 2, "component_stride": 2})]),
 ]
 FIDELITY_ROWS = [("components=2", {"components": 2}),
+                 ("components=2 correction none (AsyncDiff)", {"components": 2, "component_correction": "none"}),
+                 ("components=2 correction extrapolate", {"components": 2, "component_correction": "extrapolate"}),
+                 ("components=2 correction residual", {"components": 2, "component_correction": "residual"}),
+                 ("components=2 correction residual_extrapolate", {"components": 2,
+                                                                   "component_correction": "residual_extrapolate"}),
                  ("components=2 stride 2", {"components": 2, "component_stride": 2}),
+                 ("components=2 stride 2 correction none", {"components": 2, "component_stride": 2,
+                                                            "component_correction": "none"}),
                  ("components=2 warmup 3", {"components": 2, "warmup_steps": 3})]
 
 
@@ -109,6 +116,8 @@ def _speed_model(rank: int, model: str, call: dict, rows: list, rounds: int) -> 
         ratios = [b / t for b, t in zip(base, ts, strict=True)]
         row = {"label": label, "s": ts, "ratio_median": statistics.median(ratios),
                "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        if label != "1 process" and "cfg=2" in times and label != "cfg=2":  # paired within each round
+            row["vs_cfg_median"] = statistics.median(c / t for c, t in zip(times["cfg=2"], ts, strict=True))
         if label != "1 process":
             row["fidelity"] = compare(outs["1 process"], outs[label])
             row["stats"] = stats[label]  # the last round's, per rank
@@ -154,6 +163,8 @@ def fidelity_worker(rank: int, path: str, n_prompts: int, models: list[str]) -> 
         entry = {"model": model, "prompts": len(work.calls), "steps": work.steps,
                  "baseline_scores": work.scorer(ref, items), "rows": []}
         for label, cfg in FIDELITY_ROWS:
+            if os.environ.get("ROWS") and not any(x in label for x in os.environ["ROWS"].split("|")):
+                continue
             accel.parallelize(pipe, accel.ParallelConfig(**cfg))
             outs = run_all()
             st = {k: v for k, v in parallel_stats(pipe).items() if k != "config"}

@@ -43,7 +43,7 @@ from diffusers.hooks import ModelHook
 from torch.utils import _pytree as pytree
 
 from ..config_base import ConfigError
-from ..families import Adapter, bind_inputs
+from ..families import Adapter, bind, bind_inputs, block_io, forward_params
 from .cfg_parallel import _first_tensor, _with_first
 from .context import Groups, LoopState
 from .runtime import ParallelError, _guard
@@ -56,6 +56,7 @@ UNSUPPORTED = {"animatediff": "its motion modules are untested with a split; use
 _REFUSED_HOOKS = {"accel.cache": "the step cache", "first_block_cache": "diffusers' FirstBlockCache",
                   "mag_cache": "diffusers' MagCache", "taylorseer": "diffusers' TaylorSeer cache",
                   "pyramid_attention_broadcast": "diffusers' PAB", "faster_cache": "diffusers' FasterCache"}
+_STREAMS = ("hidden_states", "encoder_hidden_states")  # a DiT block's image and text streams, in block_io order
 # Measured splits, per denoiser: (components, CFG branch, input shapes) -> owner of each stage. Kept outside
 # the module (nothing on it changes) and across `parallelize` calls, so a re-parallelized pipeline does
 # not measure again; every rank of a branch sees the same calls, so they hold the same entries.
@@ -108,6 +109,10 @@ class _Slot:
     inbox: dict = field(default_factory=dict)  # stage -> output handed over to this rank
     outbox: dict = field(default_factory=dict)  # stage -> this step's output to hand over
     recv: list | None = None  # [(work, buffer)] of the next hand-over
+    prev: dict | None = None  # dtype -> the previous hand-over as received (extrapolation)
+    embedded: dict | None = None  # residual: this forward's input streams of the first stage
+    embedded_before: dict | None = None  # ... of the forward whose features the hand-over holds
+    residual: dict | None = None  # the last hand-over's streams minus the input they were computed from
     last: tuple | None = None  # (denoiser output, prediction) for the stride's reuse steps
 
 
@@ -138,6 +143,9 @@ class Components:
         self.skip = [s for _, _, s in self.stages]
         self.n, self.k = cfg.components, groups.inner_index
         self.warmup, self.stride = max(1, cfg.warmup_steps), cfg.component_stride
+        self.correction = correction_for(adapter, cfg.component_correction)
+        self.extrapolate = self.correction == "extrapolate"
+        self.residual = self.correction.startswith("residual")
         first = groups.replica * groups.size + groups.cfg_index * groups.inner_degree
         self.first, self.last = first, first + self.n - 1
         self.prev = groups.rank - 1 if self.k > 0 else None
@@ -243,6 +251,7 @@ class Components:
                 return fn(*args, **kwargs)
             finally:
                 self.mode = None
+                slot.embedded_before = slot.embedded
         if (step - self.sync_steps) % self.stride:
             out, pred = slot.last
             self.stats["component_reused_steps"] = self.stats.get("component_reused_steps", 0) + 1
@@ -250,12 +259,15 @@ class Components:
         t0 = time.perf_counter()
         if slot.recv is not None:
             self._receive(slot)
+        elif self.extrapolate and self.k > 0 and slot.prev is None:  # the warm-up's hand-over, as if received
+            slot.prev = {b.dtype: b for b in self._pack(self._leaves(slot, self._boundary_set(self.k - 1)))}
         slot.outbox = {}
         self.mode = "async"
         try:
             out = fn(*args, **kwargs)
         finally:
             self.mode = None
+            slot.embedded_before = slot.embedded  # what the hand-over sent at this step was computed from
         total = self.state.view.state.total_steps if self.state.view is not None else None
         if total is None or step + self.stride < total:
             if self.next is not None:
@@ -271,6 +283,8 @@ class Components:
     # --- one stage --------------------------------------------------------------------------------
     def stage(self, i: int, fn, args, kwargs):
         slot = self.slot
+        if i == 0 and self.residual and self.k > 0 and self.mode is not None:
+            slot.embedded = _streams_in(self.stages[0][1], args, kwargs)
         if self.mode == "full":
             if self.measure:
                 out = self._timed(i, fn, args, kwargs)
@@ -289,8 +303,30 @@ class Components:
             slot.outbox[i] = out
             return out
         if i in slot.inbox:
+            if self.residual and i == self._boundary_set(self.k - 1)[-1]:
+                return self._brought_forward(slot, i)
             return slot.inbox[i]
         return self._blank(slot, i)
+
+    def _brought_forward(self, slot: _Slot, i: int):
+        """A DiT hand-over at this step: this step's embedded input plus the stale residual (the blocks'
+        contribution: the hand-over minus the input it was computed from), ``residual_extrapolate``: plus
+        the residual's change since the hand-over before (one step ahead, first order)."""
+        block, value = self.stages[i][1], slot.inbox[i]
+        streams, before, now = _out_streams(block, value), slot.embedded_before or {}, slot.embedded or {}
+        names = [n for n, t in streams.items()
+                 if n in before and n in now and t.shape == before[n].shape == now[n].shape]
+        if not names:
+            return value
+        residual = {n: streams[n] - before[n] for n in names}
+        last = slot.residual or {}
+        moved = {}
+        for n in names:
+            moved[n] = now[n] + residual[n]
+            if self.correction == "residual_extrapolate" and n in last:
+                moved[n] = moved[n] + (residual[n] - last[n])
+        slot.residual = residual
+        return _with_streams(block, value, moved)
 
     def _timed(self, i, fn, args, kwargs):
         cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
@@ -358,6 +394,10 @@ class Components:
             _guard(work.wait, "component hand-over")
         self._waited(t0)
         buffers = {buf.dtype: buf for _, buf in slot.recv}
+        if self.extrapolate:  # one step ahead along the last two hand-overs: h + (h - h_prev)
+            raw, prev = buffers, slot.prev or {}
+            buffers = {d: torch.sub(b, prev[d]).add_(b) if d in prev else b for d, b in raw.items()}
+            slot.prev = raw
         offsets = dict.fromkeys(buffers, 0)
         slot.inbox = {}
         for i in self._boundary_set(self.k - 1):
@@ -388,6 +428,45 @@ class Components:
 
     def _count(self, key: str, t: torch.Tensor) -> None:
         self.stats[key] = self.stats.get(key, 0) + t.numel() * t.element_size()
+
+
+def correction_for(adapter: Adapter, name: str) -> str:
+    """The correction a family gets. ``auto``: the best on the trained models that held their checker scores
+    (BENCHMARKS.md): ``extrapolate`` for UNets (no residual stream runs through their stages),
+    ``residual_extrapolate`` for image DiTs, ``residual`` for video DiTs (extrapolating lost a clip's shape)."""
+    if name != "auto":
+        return name
+    if adapter.family.kind == "unet":
+        return "extrapolate"
+    return "residual" if adapter.family.video else "residual_extrapolate"
+
+
+def _streams_in(block, args, kwargs) -> dict:
+    """The image and text streams a DiT block takes (``hidden_states``, ``encoder_hidden_states``), copied."""
+    inputs = bind(forward_params(type(block)), args, kwargs)
+    return {k: inputs[k].clone() for k in _STREAMS if isinstance(inputs.get(k), torch.Tensor)}
+
+
+def _out_streams(block, value) -> dict:
+    """The image and text streams in a DiT block's output (where `block_io` says they are); {} if unknown."""
+    io = block_io(block)
+    if io is None:
+        return {}
+    values = (value,) if isinstance(value, torch.Tensor) else tuple(value)
+    return {n: values[j] for n, j in zip(_STREAMS, io, strict=True)
+            if j is not None and isinstance(values[j], torch.Tensor)}
+
+
+def _with_streams(block, value, streams: dict):
+    """``value`` with the streams replaced."""
+    io = block_io(block)
+    if isinstance(value, torch.Tensor):
+        return streams.get("hidden_states", value)
+    out = list(value)
+    for n, j in zip(_STREAMS, io, strict=True):
+        if n in streams:
+            out[j] = streams[n]
+    return type(value)(out)
 
 
 def apply_components(ledger, adapter: Adapter, groups: Groups, state: LoopState, cfg, stats: dict) -> Components:

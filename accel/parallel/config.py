@@ -16,6 +16,8 @@ from ..config_base import ConfigBase, ConfigError, spec
 PATCH_MODES = ("sync", "async", "corrected_async_gn", "sync_gn", "stale_gn")
 # "async" is DistriFusion's default: stale K/V and halos, GroupNorm with corrected stale statistics.
 ASYNC_ALIASES = {"async": "corrected_async_gn"}
+# components: how a part's stale input (the previous step's hand-over) is brought to the current step.
+CORRECTIONS = ("auto", "none", "extrapolate", "residual", "residual_extrapolate")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,13 @@ class ParallelConfig(ConfigBase):
             whole denoiser, so a warm-up covering every step equals one process).
         component_stride: components run and hand over every that many steps; the steps between
             reuse the last prediction (AsyncDiff's stride: less communication and compute, more loss).
+        component_correction: how a part's stale input is brought to the current step: ``none``
+            (AsyncDiff as published), ``extrapolate`` (one step ahead along the last two hand-overs),
+            ``residual`` (DiTs: the stale hand-over minus the embedded input it was computed from, plus
+            this step's embedded input, which every rank computes), ``residual_extrapolate`` (that, with
+            the residual one step ahead along the last two), ``auto`` (extrapolate for UNets,
+            residual_extrapolate for image DiTs, residual for video DiTs: the best of each on the
+            trained models).
         patch_kv_fraction: PCPP, the fraction of the other patches' K/V tokens each rank attends
             to in async steps (1.0 = all).
         sequence_backend: ``auto`` (diffusers' context parallelism where the model has
@@ -67,6 +76,8 @@ class ParallelConfig(ConfigBase):
                                     help="PCPP: fraction of other patches' K/V tokens used in async steps")
     components: int = spec(1, min=1, help="AsyncDiff: the denoiser split into this many components, one per rank")
     component_stride: int = spec(1, min=1, help="components run every that many steps; the steps between reuse")
+    component_correction: str = spec("auto", choices=CORRECTIONS,
+                                     help="how a stale hand-over is brought to the current step (auto: by family)")
     clip: int = spec(1, min=1, help="clip parallel degree for video DiTs: frames split into clips across ranks")
     clip_neighbour_frames: int = spec(1, min=0, help="frames of each adjacent clip every clip attends to")
     clip_global_tokens: int = spec(8, min=0, help="strided tokens of every other clip every clip attends to")

@@ -49,6 +49,18 @@ def test_two_ranks_per_image_make_every_row_once_like_one_process(tmp_path, capf
     assert "4 rows: 0 generated, 4 already done, 0 failed" in capfd.readouterr().out
 
 
+def test_two_ranks_per_image_as_components_make_every_row_once(tmp_path, capfd):
+    prompts = tmp_path / "rows.jsonl"
+    prompts.write_text("".join(json.dumps({**r, "steps": 5}) + "\n" for r in ROWS[:2]))
+    out = tmp_path / "async"
+    assert _batch(prompts, out, "--gpus", "2", "--parallel", "components=2") == 0
+    assert "2 rows: 2 generated, 0 already done, 0 failed" in capfd.readouterr().out
+    sides = [json.loads(p.read_text()) for p in sorted(out.glob("*.png.json"))]
+    assert len(sides) == 2
+    for side in sides:
+        assert side["parallel"]["strategies"] == ["components:2"] and side["parallel"]["component_async_steps"] > 0
+
+
 def test_a_world_the_degree_does_not_divide_is_refused(tmp_path, capsys):
     prompts = tmp_path / "rows.jsonl"
     prompts.write_text(json.dumps(ROWS[0]) + "\n")

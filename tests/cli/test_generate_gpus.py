@@ -34,6 +34,16 @@ def test_two_processes_cfg_parallel_write_the_single_process_image(tmp_path, cap
     assert side["parallel"]["config"]["cfg"] == 2 and side["parallel"]["cfg_gathers"] == 2  # really split
 
 
+def test_two_processes_split_the_denoiser_into_components(tmp_path, capfd):
+    out = tmp_path / "async.png"
+    assert main([*BASE[:-4], "--steps", "5", "--seed", "3", "--out", str(out), "--gpus", "2",
+                 "--parallel", "components=2"]) == 0
+    assert capfd.readouterr().out.count(f"wrote {out}") == 1
+    side = json.loads((tmp_path / "async.png.json").read_text())["parallel"]
+    assert side["strategies"] == ["components:2"] and len(side["component_split"]) == 2
+    assert side["component_async_steps"] >= 2 and side["component_handover_bytes"] > 0  # rank 0's hand-overs
+
+
 def test_a_failing_worker_is_one_clear_error(tmp_path, capsys):
     # sd15 is a UNet: sequence parallelism refuses it on every rank, before any work.
     assert main([*BASE, "--out", str(tmp_path / "x.png"), "--parallel", "sequence=2", "--device", "cpu"]) == 2

@@ -1,7 +1,8 @@
 """AsyncDiff components on a spawned 2-process gloo group (results to JSON): what needs more than a tiny model.
 
-- the trained ``ref-sd`` model (a UNet, 25 steps) on 2 held-out prompts: fidelity against one process and the
-  checker's scores;
+- the trained ``ref-sd`` (a UNet, 25 steps) and ``ref-dit`` (a Flux-class DiT, 20 steps) on 2 held-out prompts
+  each: fidelity against one process and the checker's scores, with the family's correction of the stale
+  hand-over (``auto``) and without (``none``, AsyncDiff as published);
 - token merging applied before `parallelize` (a token technique inside the stages each rank computes):
   with a warm-up over every step it equals one process with the same tokens config; asynchronous, it runs and
   merges;
@@ -26,14 +27,14 @@ def _frames(out) -> np.ndarray:
     return np.asarray(x if x is not None else out.frames, dtype=np.float32)
 
 
-def trained(results: dict) -> None:
+def trained(results: dict, model: str) -> None:
     from accel.eval import bench
     from accel.eval.metrics import compare
     from accel.pipelines.load import load
 
-    pipe = load("ref-sd", device="cpu")
+    pipe = load(model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    work = bench.workload(pipe, "ref-sd", n_prompts=2, device="cpu")
+    work = bench.workload(pipe, model, n_prompts=2, device="cpu")
 
     def run_all():
         return [_frames(pipe(**c.kwargs, generator=torch.Generator("cpu").manual_seed(c.seed)))[0]
@@ -41,14 +42,16 @@ def trained(results: dict) -> None:
 
     items = [c.item for c in work.calls]
     ref = run_all()
-    accel.parallelize(pipe, ParallelConfig(components=2))
-    outs = run_all()
-    stats = parallel_stats(pipe)
-    unparallelize(pipe)
-    per = [compare(a, b) for a, b in zip(ref, outs, strict=True)]
-    results["ref-sd"] = {"psnr": [p["psnr"] for p in per], "ssim": statistics.median(p["ssim"] for p in per),
-                         "scores": work.scorer(outs, items), "baseline_scores": work.scorer(ref, items),
-                         "async_steps": stats.get("component_async_steps", 0), "steps": work.steps}
+    for correction in ("auto", "none"):
+        accel.parallelize(pipe, ParallelConfig(components=2, component_correction=correction))
+        outs = run_all()
+        stats = parallel_stats(pipe)
+        unparallelize(pipe)
+        per = [compare(a, b) for a, b in zip(ref, outs, strict=True)]
+        results[f"{model}/{correction}"] = {
+            "psnr": [p["psnr"] for p in per], "ssim": statistics.median(p["ssim"] for p in per),
+            "scores": work.scorer(outs, items), "baseline_scores": work.scorer(ref, items),
+            "async_steps": stats.get("component_async_steps", 0), "steps": work.steps}
 
 
 def tokens(results: dict) -> None:
@@ -88,7 +91,8 @@ def cache_refused(results: dict) -> None:
 
 def run(rank: int, path: str) -> None:
     results: dict = {}
-    trained(results)
+    trained(results, "ref-sd")
+    trained(results, "ref-dit")
     tokens(results)
     cache_refused(results)
     everyone = [None] * 2

@@ -3,8 +3,10 @@ the trained model's fidelity floor, token techniques inside the components, the 
 
 The exactness and hand-over checks on every family's tiny pipeline run in the shared 2-rank group of
 `test_strategies.py`; cfg=2 x components=2 in the 4-rank group of `test_cfg_sequence_parallel.py`.
-Floors here: ref-sd at 25 steps, components=2 with the default warm-up, measured 40.1 / 45.2 dB on its two
-held-out prompts on this machine; the floor is 35 dB, and the checker's scores must equal one process's.
+Floors here: components=2 with the default warm-up and correction, measured on two held-out prompts on this
+machine: ref-sd (25 steps, extrapolated hand-overs) 57.3 / 58.7 dB, floor 50; ref-dit (20 steps, residual
+hand-overs extrapolated) 40.5 / 40.9 dB, floor 36; the checker's scores must equal one process's, and the
+uncorrected hand-over (39.9 / 27.6 dB) must be at least 5 dB worse.
 """
 
 import os
@@ -56,13 +58,15 @@ def test_an_unsupported_family_is_refused_by_name():
         check(pipe, ParallelConfig(components=2))
 
 
-def test_trained_model_keeps_its_checker_scores_above_the_floor(results):
-    r = results["ref-sd"]
-    assert r["async_steps"] > 0  # the components really ran asynchronously
-    assert min(r["psnr"]) >= 35.0
-    assert max(r["psnr"]) < 200  # lossy: not the single process's output
-    assert r["ssim"] >= 0.98
-    assert r["scores"] == r["baseline_scores"]
+@pytest.mark.parametrize("model, floor", [("ref-sd", 50.0), ("ref-dit", 36.0)])
+def test_trained_models_keep_their_checker_scores_above_the_floor(results, model, floor):
+    auto, plain = results[f"{model}/auto"], results[f"{model}/none"]
+    assert auto["async_steps"] > 0  # the components really ran asynchronously
+    assert min(auto["psnr"]) >= floor
+    assert max(auto["psnr"]) < 200  # lossy: not the single process's output
+    assert auto["scores"] == auto["baseline_scores"]
+    # The family's correction of the stale hand-over is what keeps it close (AsyncDiff as published: none).
+    assert min(auto["psnr"]) > min(plain["psnr"]) + 5
 
 
 def test_token_merging_runs_inside_the_components(results):

@@ -1,4 +1,5 @@
-"""The web app's engine on a parallel worker group (`accel app --parallel cfg=2`), 2 gloo processes.
+"""The web app's engine on a parallel worker group (`accel app --parallel cfg=2`, and `components=2`), 2 gloo
+processes.
 
 Rank 0 serves (here: runs the `Engine` directly, no browser), rank 1 follows its broadcast actions
 (`web_group_checks.py`). A generate writes the image of a single-process engine up to one 8-bit
@@ -14,14 +15,18 @@ from helpers.spawned import run_checks
 HERE = os.path.dirname(__file__)
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_checks(os.path.join(HERE, "web_group_checks.py"), tmp_path_factory.mktemp("web_group"))
+@pytest.fixture(scope="module", params=["cfg=2", "components=2"])
+def results(request, tmp_path_factory):
+    out = run_checks(os.path.join(HERE, "web_group_checks.py"), tmp_path_factory.mktemp("web_group"), request.param)
+    return {**out, "strategy": request.param}
 
 
 def test_group_engine_writes_the_single_process_image(results):
     assert results["max_level_diff"] <= 1
-    assert results["cfg_gathers"] == 2  # the branches really were split (2 steps)
+    if results["strategy"] == "cfg=2":
+        assert results["cfg_gathers"] == 2  # the branches really were split (2 steps)
+    else:  # AsyncDiff: a new size's first 3 steps are synchronous, so a 2-step call equals one process
+        assert results["strategies"] == ["components:2"]
 
 
 def test_stop_is_mirrored_and_the_group_goes_on(results):
