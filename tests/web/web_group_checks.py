@@ -65,7 +65,8 @@ def run(rank: int, path: str, strategy: dict) -> None:
 
     results = {"max_level_diff": int(np.abs(pixels(res.outputs[0]) - pixels(ref.outputs[0])).max()),
                "compare_max_level_diff": int(np.abs(pixels(comp.outputs[0]) - pixels(ref.outputs[0])).max()),
-               "cfg_gathers": gathers, "strategies": stats["strategies"], "stopped": stopped, "stopped_log": stopped_log,
+               "cfg_gathers": gathers, "strategies": stats["strategies"], "stopped": stopped,
+               "stopped_log": stopped_log,
                "outputs": sorted(p.name for p in (out / "group").iterdir() if p.suffix == ".png")}
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
