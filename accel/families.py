@@ -237,19 +237,23 @@ class Adapter:
     def stages(self) -> list[tuple[str, torch.nn.Module, bool]]:
         """The denoiser's sequential stages, in execution order, to split it into components.
 
-        (name, module, skip): DiT blocks; UNet ``conv_in``, down blocks, mid block, up blocks. ``skip``
-        marks a stage whose output is also read by later stages than the next one (a UNet's skip
-        connections: ``conv_in`` and every down block). Everything outside the stages (embeddings,
-        final norm and projection) is cheap and runs wherever the denoiser runs.
+        (name, module, skip): DiT blocks; a UNet's ``conv_in``, the resnets, attentions and resamplers of
+        its down and up blocks, and its mid block (a UNet block is too coarse a unit: one up block can
+        hold a quarter of the work). ``skip`` marks a stage whose output is also read by later stages
+        than the next one (a UNet's skip connections: ``conv_in`` and each down block's outputs).
+        Everything outside the stages (embeddings, the blocks' concatenations, final norm and
+        projection) is cheap and runs wherever the denoiser runs.
         """
         if self.family.kind == "dit":
             return [(n, m, False) for n, m in self.blocks()]
         m = self.module
         out = [("conv_in", m.conv_in, True)]
-        out += [(f"down_blocks.{i}", b, True) for i, b in enumerate(m.down_blocks)]
+        for i, b in enumerate(m.down_blocks):
+            out += _block_stages(f"down_blocks.{i}", b, True)
         if getattr(m, "mid_block", None) is not None:
             out.append(("mid_block", m.mid_block, False))
-        out += [(f"up_blocks.{i}", b, False) for i, b in enumerate(m.up_blocks)]
+        for i, b in enumerate(m.up_blocks):
+            out += _block_stages(f"up_blocks.{i}", b, False)
         return out
 
     def attention(self) -> list[AttentionSite]:
@@ -307,6 +311,21 @@ class Adapter:
         if h * w != n_tokens:
             raise ValueError(f"{n_tokens} tokens do not match any level of grid {grid}")
         return (f, h, w)
+
+
+def _block_stages(prefix: str, block: torch.nn.Module, down: bool) -> list[tuple[str, torch.nn.Module, bool]]:
+    """A UNet block's submodules in the order its forward runs them: (resnet, attention) pairs, then the
+    resampler; in a down block each pair's last module and the resampler are skip connections."""
+    resnets, attentions = list(block.resnets), list(getattr(block, "attentions", None) or ())
+    out = []
+    for j, resnet in enumerate(resnets):
+        out.append((f"{prefix}.resnets.{j}", resnet, down and j >= len(attentions)))
+        if j < len(attentions):
+            out.append((f"{prefix}.attentions.{j}", attentions[j], down))
+    for kind in ("downsamplers", "upsamplers"):
+        for j, sampler in enumerate(getattr(block, kind, None) or ()):
+            out.append((f"{prefix}.{kind}.{j}", sampler, down))
+    return out
 
 
 def _unet_ordered(module):

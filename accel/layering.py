@@ -110,18 +110,30 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def layered(preset_name: str, sections: dict, family: str | None) -> Config:
+def layered(preset_name: str, sections: dict, family: str | None,
+            parallel: ParallelConfig | None = None) -> Config:
     """The `Config` a run uses: the preset for ``family``, then ``sections`` (from `read_sections`) on top.
 
     Args:
         preset_name: a preset name (`accel.available_presets`).
         sections: technique sections, e.g. ``{"cache": {"interval": 3}}``.
         family: the model's family (`accel.families.FAMILIES` key), or None for the family-independent preset.
+        parallel: the run's parallel strategies: a technique they cannot run with (the step cache under
+            ``components``) is left out of the preset's part; given in ``sections``, it stays (and the
+            strategy refuses it with an error that says what to do).
 
     Returns:
         The validated `Config`; raises `ConfigError` naming the field when a value is bad.
     """
-    return Config.from_dict(merge(preset(preset_name, family).to_dict(), sections))
+    base = preset(preset_name, family).to_dict()
+    for section in refused_sections(parallel):
+        base.pop(section, None)
+    return Config.from_dict(merge(base, sections))
+
+
+def refused_sections(parallel: ParallelConfig | None) -> tuple[str, ...]:
+    """Technique sections ``parallel``'s strategies cannot run with (a preset leaves them off)."""
+    return ("cache",) if parallel is not None and parallel.components > 1 else ()
 
 
 def parallel_config(spec: str | None, config_file=None) -> ParallelConfig | None:

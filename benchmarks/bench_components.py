@@ -3,6 +3,7 @@
     python benchmarks/bench_components.py speed [--rounds 3]        # shape models, one process vs 2 ranks
     python benchmarks/bench_components.py fidelity [--prompts 8]    # the trained models at N=2, stride 1 and 2
     python benchmarks/bench_components.py estimate --stage-ms ...   # N=4/8 on H100s, on paper
+    python benchmarks/bench_components.py tables SPEED.json FIDELITY.json   # the markdown tables
 
 ``speed``: one spawned group of 2 ranks (1 thread each, as `accel.parallel.spawn` sets) runs, round after
 round, the one-process baseline (rank 0 alone, rank 1 waiting at a barrier), then each parallel row on both
@@ -204,11 +205,58 @@ def estimate(stage_ms: list[float], handover_mb: float, n_values=(2, 4, 8), link
     return rows
 
 
+def _share(st: list[dict]) -> str:
+    waits = [x.get("component_wait_s", 0.0) / x["component_async_s"] for x in st if x.get("component_async_s")]
+    return " / ".join(f"{w:.0%}" for w in waits)
+
+
+def tables(speed: list | None, fidelity: list | None) -> str:
+    """The markdown tables of a speed and a fidelity report (the JSON files the other commands write)."""
+    lines = []
+    for e in speed or []:
+        call = e["call"]
+        lines += [f"\n{e['model']}, {call.get('height')}x{call.get('width')} px, {call.get('steps')} steps, "
+                  f"{e['rounds']} rounds\n",
+                  "| row | s per call (min-max) | speed-up median (min-max) | vs cfg=2 | PSNR / SSIM vs 1 process | "
+                  "work per rank | hand-over MB/step | waiting (rank 0 / 1) |", "|---|---|---|---|---|---|---|---|"]
+        for r in e["rows"]:
+            ts = r["s"]
+            st = r.get("stats") or [{}]
+            fid = r.get("fidelity") or {}
+            if r["label"] == "1 process":
+                work = f"{e['call'].get('steps')} steps, whole denoiser"
+            elif "component_split" in st[0]:
+                shares = st[0]["component_cost_share"]
+                work = (f"{st[0]['component_async_steps']} of {e['call'].get('steps')} steps split: "
+                        + "; ".join(f"{p} ({c:.0%})" for p, c in zip(st[0]["component_split"], shares, strict=True)))
+            else:
+                work = f"{e['call'].get('steps')} steps, half the batch"
+            steps = max(st[0].get("component_async_steps", 0), 1)
+            mb = f"{st[0].get('component_handover_bytes', 0) / steps / 1e6:.1f}" if "component_split" in st[0] else "-"
+            vs = f"{r['vs_cfg_median']:.2f}" if "vs_cfg_median" in r else "-"
+            psnr = "reference" if not fid else f"{fid['psnr']:.1f} / {fid['ssim']:.4f}"
+            lines.append(f"| {r['label']} | {statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f}) | "
+                         f"{r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {vs} | {psnr} | "
+                         f"{work} | {mb} | {_share(st) if 'component_split' in st[0] else '-'} |")
+    for e in fidelity or []:
+        base = e["baseline_scores"]
+        keys = [k for k in base if k != "clips"]
+        lines += [f"\n{e['model']}: {e['prompts']} held-out prompts, {e['steps']} steps; one process's checker "
+                  + ", ".join(f"{k} {base[k]:.2f}" for k in keys) + "\n",
+                  "| row | PSNR median (worst) | SSIM | " + " / ".join(keys) + " | held? |", "|---|---|---|---|---|"]
+        for r in e["rows"]:
+            held = all(r["scores"][k] >= base[k] - 1e-9 for k in keys)
+            lines.append(f"| {r['label']} | {r['psnr_median']:.1f} ({r['psnr_worst']:.1f}) | {r['ssim']:.3f} | "
+                         + " / ".join(f"{r['scores'][k]:.2f}" for k in keys) + f" | {'yes' if held else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     from accel.parallel import spawn
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("speed", "fidelity", "estimate"))
+    ap.add_argument("what", choices=("speed", "fidelity", "estimate", "tables"))
+    ap.add_argument("files", nargs="*", help="tables: speed and fidelity JSON reports")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default=None, help="speed: only models whose name contains this")
     ap.add_argument("--prompts", type=int, default=8)
@@ -218,6 +266,12 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     path = a.json or os.path.join(tempfile.mkdtemp(prefix="bench-components-"), "results.json")
+    if a.what == "tables":
+        reports = [json.load(open(f)) for f in a.files]
+        speed = [e for r in reports for e in r if "rounds" in e]
+        fidelity = [e for r in reports for e in r if "baseline_scores" in e]
+        print(tables(speed, fidelity))
+        return
     if a.what == "estimate":
         print(json.dumps(estimate([float(x) for x in a.stage_ms.split(",")], a.handover_mb), indent=1))
         return

@@ -130,7 +130,7 @@ def _generate_all(todo, s: Settings, rank, run, writer, signals, tally, bar, pip
     ctx = _Context(s, pipe, family, video, load_s, leader=rank.leader)
     if s.parallel is not None:
         if todo:  # the usual single preset goes on before the parallel hooks, as in `accel generate`
-            ctx.current = ctx.configs[todo[0].preset] = layered(todo[0].preset, s.sections, family)
+            ctx.current = ctx.configs[todo[0].preset] = layered(todo[0].preset, s.sections, family, s.parallel)
             api.apply(pipe, ctx.current)
         parallel.parallelize(pipe, s.parallel, replicas=rank.copies)
     try:
@@ -180,7 +180,7 @@ def _generate_one(job: Job, ctx: _Context, signals, writer, run, rank) -> dict:
     if req["frames"] is not None and not ctx.video:
         raise RowError(f"frames: {s.model} makes images, not video")
     if job.preset not in ctx.configs:
-        ctx.configs[job.preset] = layered(job.preset, s.sections, ctx.family)
+        ctx.configs[job.preset] = layered(job.preset, s.sections, ctx.family, s.parallel)
     cfg = ctx.configs[job.preset]
     if ctx.current is not cfg:
         once.apply_config(pipe, cfg)

@@ -109,7 +109,7 @@ def _generate(args, pcfg, sections: dict) -> int:
     video = is_video(pipe)
     if args.frames and not video:
         raise UsageError(f"--frames: {args.model} makes images, not video")
-    cfg = layered(_preset(args), sections, family)
+    cfg = layered(_preset(args), sections, family, pcfg)
     once.apply_config(pipe, cfg)
     seed, speaks = args.seed, True
     if pcfg is not None:

@@ -1,9 +1,9 @@
 """AsyncDiff: the denoiser cut into sequential components, one per rank, all running at once.
 
-The denoiser's stages (`accel.families.Adapter.stages`: DiT blocks; a UNet's ``conv_in``, down,
-mid and up blocks) are cut at stage boundaries into ``components`` contiguous parts of equal
-measured cost; rank ``k`` of a CFG branch owns part ``k``. Each denoiser forward then runs on every
-rank, but a rank computes only its own stages:
+The denoiser's stages (`accel.families.Adapter.stages`: DiT blocks; a UNet's ``conv_in``, its blocks'
+resnets, attentions and resamplers, and its mid block) are cut at stage boundaries into
+``components`` contiguous parts of equal measured cost; rank ``k`` of a CFG branch owns part ``k``.
+Each denoiser forward then runs on every rank, but a rank computes only its own stages:
 
 - the stages before its part return the *hand-over* it received from rank ``k - 1`` at the
   previous step (the output of that part's last stage, plus, in a UNet, the skip connections its
@@ -70,7 +70,7 @@ def check_components(adapter: Adapter, n: int) -> None:
         raise ConfigError(f"parallel.components: {n} is not available for {fam.name}: {UNSUPPORTED[fam.name]}")
     stages = len(adapter.stages())
     if n > stages:
-        what = "blocks" if fam.kind == "dit" else "stages (conv_in, down, mid and up blocks)"
+        what = "blocks" if fam.kind == "dit" else "stages (conv_in, the blocks' resnets, attentions and resamplers)"
         raise ConfigError(f"parallel.components: {n} is more than the {stages} {what} of {fam.name}'s "
                           f"{type(adapter.module).__name__}; use at most {stages}")
 

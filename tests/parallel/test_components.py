@@ -81,4 +81,16 @@ def test_the_step_cache_is_refused_on_every_rank_with_one_clear_error(results):
         assert message and "the step cache is on" in message and "cache.method=none" in message
 
 
+
+def test_a_preset_leaves_the_step_cache_out_under_components_but_an_explicit_one_stays():
+    from accel.layering import layered
+
+    under = ParallelConfig(components=2)
+    assert layered("balanced", {}, "flux").cache.method != "none"  # the preset caches...
+    assert layered("balanced", {}, "flux", under).cache.method == "none"  # ...not under components
+    assert layered("balanced", {}, "flux", ParallelConfig(cfg=2)).cache.method != "none"
+    explicit = layered("balanced", {"cache": {"method": "block", "threshold": 0.1}}, "flux", under)
+    assert explicit.cache.method == "block"  # asked for: kept, and refused with its error at the first call
+
+
 pytestmark = [pytest.mark.multiprocess]
