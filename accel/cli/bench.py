@@ -54,8 +54,9 @@ def add_parser(sub) -> None:
                    help="rows over a technique's main knob (cache, tokens, attention) or section.field=v1,v2,... "
                         "(e.g. cache.threshold=0.05,0.1,0.2); repeatable")
     p.add_argument("--peers", default="none",
-                   help="peer rows: all, none, or a comma list (diffusers, cache-dit, tomesd, DeepCache, or a "
-                        "full name); peers not installed or not for this family are listed with the reason")
+                   help="peer rows: all, sweep (each step cache over its main knob), none, or a comma list "
+                        "(diffusers, cache-dit, tomesd, DeepCache, or a full name); peers not installed or not for "
+                        "this family are listed with the reason")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompt file (.txt/.jsonl/.csv as accel batch reads); default: the built-in trained "
                         "model's held-out prompts (scored by the checker), else a few generic prompts")
@@ -99,6 +100,7 @@ def cmd_bench(args) -> int:
             Row,
             config_rows,
             environment,
+            frontier_lines,
             peer_rows,
             preset_rows,
             report,
@@ -142,6 +144,10 @@ def cmd_bench(args) -> int:
           f"{args.repeats} round(s) after a warm-up; fidelity against the baseline's output of the same prompt and "
           "seed" + (" and the checker's scores" if work.scorer else "") + "\n")
     print(table(results))
+    lines = frontier_lines(results)
+    if lines:
+        print("\nAgainst the peers (ours at least as fast, at least as close on the worst prompt, scores at least "
+              "as high):\n" + "\n".join(lines))
     if work.random_weights:
         print(f"\nNote: {RANDOM_WEIGHTS_NOTE}.")
     if stopped:

@@ -19,6 +19,7 @@ The engine (`Workload`, `Row`, `run`) is what `accel tune` and the scripts in ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import subprocess
@@ -47,6 +48,7 @@ from .clock import error_line, measure, round_robin
 from .compare import Engaged
 from .metrics import compare
 from .snapshot import Snapshot
+from .work import StageWork
 
 RANDOM_WEIGHTS_NOTE = ("random weights: PSNR/SSIM say how much a setting changes the output, not whether a trained "
                        "model would still draw the same thing (random weights overstated DiT fidelity by a median "
@@ -105,6 +107,7 @@ class Result:
     per_call_psnr: list = dataclasses.field(default_factory=list)  # inf as None
     scores: dict | None = None
     engaged: list = dataclasses.field(default_factory=list)
+    work: tuple | None = None  # (denoiser stages computed, stages called) over the scored sample's calls
     repeats: int = 0
     error: str | None = None
     skipped: str | None = None
@@ -206,14 +209,16 @@ class _Sampler:
             outs = []
             score = keep and row.label not in self.fidelity
             did = Engaged()  # `accel.stats` describes the last call: a row's work is summed over its calls
-            for call in calls:
-                s, frames = self._call(call)
-                seconds, wall = seconds + s.seconds, wall + s.wall_s
-                peak = s.peak_bytes if peak is None or (s.peak_bytes or 0) > peak else peak
-                if score:
-                    outs.append(frames)
-                if row.config is not None:
-                    did.add(api.stats(work.pipe))
+            counter = StageWork(work.pipe) if score else contextlib.nullcontext()
+            with counter:  # the stages computed, counted the same way for every row (scored sample only)
+                for call in calls:
+                    s, frames = self._call(call)
+                    seconds, wall = seconds + s.seconds, wall + s.wall_s
+                    peak = s.peak_bytes if peak is None or (s.peak_bytes or 0) > peak else peak
+                    if score:
+                        outs.append(frames)
+                    if row.config is not None:
+                        did.add(api.stats(work.pipe))
             what = did.lines()
         finally:
             if row.config is not None:
@@ -226,6 +231,7 @@ class _Sampler:
                         self.left_behind.add(row.label)
         if score:
             self._score(row, outs, what)
+            self.fidelity[row.label]["work"] = (counter.computed, counter.entered)
         return seconds, wall, peak
 
     def _score(self, row: Row, outs: list, what: list) -> None:
@@ -377,8 +383,10 @@ def table(results: list[Result]) -> str:
     scored = any(r.scores for r in results)
     score_keys = next((list(r.scores) for r in results if r.scores), [])
     peak = any(r.peak_gib is not None for r in results)
-    head = ["row", "s (median)", "speed-up"] + (["peak GiB"] if peak else []) + \
-        ["PSNR dB (worst)", "SSIM"] + ([" / ".join(score_keys)] if scored else []) + ["engaged"]
+    counted = any(r.work for r in results)
+    head = ["row", "s (median)", "speed-up"] + (["peak GiB"] if peak else []) \
+        + (["stages computed"] if counted else []) + ["PSNR dB (worst)", "SSIM"] \
+        + ([" / ".join(score_keys)] if scored else []) + ["engaged"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if not r.ran:
@@ -390,6 +398,8 @@ def table(results: list[Result]) -> str:
         cells = [r.label, f"{r.seconds:.3f}", f"{speed} (noise)" if idle and r.speedup else speed]
         if peak:
             cells.append("-" if r.peak_gib is None else f"{r.peak_gib:.1f}")
+        if counted:
+            cells.append(f"{r.work[0]} of {r.work[1]} ({r.work[0] / max(r.work[1], 1):.0%})" if r.work else "-")
         if r.kind == "baseline":
             cells += ["reference", "1.000"]
         else:
@@ -406,6 +416,50 @@ def table(results: list[Result]) -> str:
             cells.append("; ".join(r.engaged) if r.engaged else "nothing engaged")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+OURS = ("preset", "config", "sweep", "candidate")
+
+
+def _worst(r: Result) -> float:
+    return float("inf") if r.psnr_worst is None else r.psnr_worst  # None: identical to the baseline
+
+
+def dominates(ours: Result, peer: Result) -> bool:
+    """``ours`` is at least as fast, at least as close on its worst prompt, and scores at least as well."""
+    return (ours.speedup or 0) >= (peer.speedup or 0) and _worst(ours) >= _worst(peer) \
+        and all((ours.scores or {}).get(k, -1.0) >= v for k, v in (peer.scores or {}).items())
+
+
+def frontier(results: list[Result]) -> list[dict]:
+    """For every peer row that ran: the fastest of our rows that dominates it, or, where none does, the
+    fastest of ours at least as close on the worst prompt and the speed it lacks."""
+    ours = [r for r in results if r.kind in OURS and r.ran]
+    out = []
+    for peer in (r for r in results if r.kind == "peer" and r.ran):
+        winners = sorted((r for r in ours if dominates(r, peer)), key=lambda r: -(r.speedup or 0))
+        if winners:
+            out.append({"peer": peer.label, "by": winners[0].label, "dominated": True})
+            continue
+        close = sorted((r for r in ours if _worst(r) >= _worst(peer)), key=lambda r: -(r.speedup or 0))
+        best = close[0] if close else None
+        out.append({"peer": peer.label, "by": best.label if best else None, "dominated": False,
+                    "speed_short": round((peer.speedup or 0) - (best.speedup or 0), 3) if best else None})
+    return out
+
+
+def frontier_lines(results: list[Result]) -> list[str]:
+    """One line per peer row: dominated by which of ours, or what ours lacks."""
+    lines = []
+    for f in frontier(results):
+        if f["dominated"]:
+            lines.append(f"- {f['peer']}: dominated by {f['by']}")
+        elif f["by"] is None:
+            lines.append(f"- {f['peer']}: not dominated; none of ours is as close on the worst prompt")
+        else:
+            lines.append(f"- {f['peer']}: not dominated; {f['by']} is as close on the worst prompt but "
+                         f"{f['speed_short']:.2f}x slower, or scores lower")
+    return lines
 
 
 def environment(device: str) -> dict:

@@ -91,17 +91,23 @@ def _fbc(threshold: float = 0.05):
     return make
 
 
-def _mag(pipe, steps):
-    from diffusers import MagCacheConfig
-    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+def _mag(threshold: float | None = None, max_skip: int | None = None):
+    def make(pipe, steps):
+        from diffusers import MagCacheConfig
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
-    return MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps)
+        given = {k: v for k, v in (("threshold", threshold), ("max_skip_steps", max_skip)) if v is not None}
+        return MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps, **given)
+    return make
 
 
-def _taylor(pipe, steps):
-    from diffusers import TaylorSeerCacheConfig
+def _taylor(interval: int | None = None, order: int | None = None):
+    def make(pipe, steps):
+        from diffusers import TaylorSeerCacheConfig
 
-    return TaylorSeerCacheConfig()
+        given = {k: v for k, v in (("cache_interval", interval), ("max_order", order)) if v is not None}
+        return TaylorSeerCacheConfig(**given)
+    return make
 
 
 def _pab(pipe, steps):
@@ -120,7 +126,7 @@ def _faster(pipe, steps):
 
 
 # --- cache-dit ------------------------------------------------------------------------------------
-def _cache_dit(taylor: bool) -> tuple[Callable, Callable]:
+def _cache_dit(taylor: bool, threshold: float | None = None) -> tuple[Callable, Callable]:
     def enable(pipe, steps, call=None):
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # its per-call notes go to stderr otherwise
         import cache_dit
@@ -129,12 +135,13 @@ def _cache_dit(taylor: bool) -> tuple[Callable, Callable]:
         # runs its branches as separate calls; it guesses from the class, and FluxPipeline's true CFG is not guessed
         separate = True if (call or {}).get("true_cfg_scale", 1.0) > 1 and (call or {}).get("negative_prompt") \
             is not None else None
+        given = {} if threshold is None else {"residual_diff_threshold": threshold}
         if taylor:
             cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
-                Fn_compute_blocks=1, Bn_compute_blocks=0, enable_separate_cfg=separate),
+                Fn_compute_blocks=1, Bn_compute_blocks=0, enable_separate_cfg=separate, **given),
                 calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1))
         else:
-            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(enable_separate_cfg=separate))
+            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(enable_separate_cfg=separate, **given))
 
     def disable(pipe):
         import cache_dit
@@ -192,9 +199,9 @@ def deepcache(interval: int, branch: int = 0) -> Peer:
 _CACHE_DIT = "pip install 'cache-dit>=1.5,<1.6'"
 PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("diffusers FirstBlockCache 0.05", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_fbc())),
-    Peer("diffusers MagCache (Flux ratios)", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_mag),
+    Peer("diffusers MagCache (Flux ratios)", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_mag()),
          families=("flux",)),
-    Peer("diffusers TaylorSeer interval 5", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_taylor)),
+    Peer("diffusers TaylorSeer interval 5", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_taylor())),
     Peer("diffusers PAB spatial 2", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_pab)),
     Peer("diffusers FasterCache", "diffusers", "pip install -U diffusers", "dit", *_diffusers(_faster)),
     # F8B0 always computes the first 8 blocks; cache-dit refuses a model without more
@@ -205,13 +212,30 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
 )}
 
 
+def sweep() -> list[Peer]:
+    """Each step-caching peer over its main knob (3-5 settings), for a frontier against ours."""
+    d = ("diffusers", "pip install -U diffusers", "dit")
+    out = [first_block_cache(t) for t in (0.05, 0.1, 0.2, 0.3)]
+    out += [Peer(f"diffusers MagCache threshold {t:g} K {k}", *d, *_diffusers(_mag(t, k)), families=("flux",))
+            for t, k in ((0.06, 2), (0.12, 2), (0.12, 4), (0.24, 4))]
+    out += [Peer(f"diffusers TaylorSeer interval {i} order {o}", *d, *_diffusers(_taylor(i, o)))
+            for i, o in ((3, 1), (5, 1), (5, 2), (7, 2))]
+    out += [Peer(f"cache-dit DBCache F1B0 + TaylorSeer threshold {t:g}", "cache_dit", _CACHE_DIT, "transformer",
+                 *_cache_dit(True, t), late=True) for t in (0.08, 0.12, 0.2, 0.3)]
+    out += [deepcache(i) for i in (2, 3, 4, 5)]
+    return out
+
+
 def select(spec: str | None) -> list[Peer]:
-    """Peers named by ``spec``: "all", "none"/"" or a comma list of names or name prefixes
-    (``cache-dit``, ``diffusers``, ``tomesd``, ``DeepCache``, case-insensitive)."""
+    """Peers named by ``spec``: "all", "sweep" (`sweep`: each step cache over its main knob), "none"/"" or a
+    comma list of names or name prefixes (``cache-dit``, ``diffusers``, ``tomesd``, ``DeepCache``,
+    case-insensitive)."""
     if spec is None or spec.strip().lower() in ("", "none"):
         return []
     if spec.strip().lower() == "all":
         return list(PEERS.values())
+    if spec.strip().lower() == "sweep":
+        return sweep()
     out = []
     for part in (p.strip().lower() for p in spec.split(",") if p.strip()):
         hits = [p for p in PEERS.values() if p.name.lower().startswith(part)]
