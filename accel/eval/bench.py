@@ -398,8 +398,10 @@ def table(results: list[Result]) -> str:
         cells = [r.label, f"{r.seconds:.3f}", f"{speed} (noise)" if idle and r.speedup else speed]
         if peak:
             cells.append("-" if r.peak_gib is None else f"{r.peak_gib:.1f}")
-        if counted:
-            cells.append(f"{r.work[0]} of {r.work[1]} ({r.work[0] / max(r.work[1], 1):.0%})" if r.work else "-")
+        if counted:  # of the baseline's stages: a peer may skip a stage by not calling it at all
+            full = next((b.work[1] for b in results if b.kind == "baseline" and b.work), None) or \
+                (r.work[1] if r.work else 1)
+            cells.append(f"{r.work[0]} of {full} ({r.work[0] / max(full, 1):.0%})" if r.work else "-")
         if r.kind == "baseline":
             cells += ["reference", "1.000"]
         else:
