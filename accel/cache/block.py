@@ -3,7 +3,8 @@
 Per denoiser forward (one stream step, see `state.py`):
 
 1. the first ``compute_first_n`` blocks always run; their hidden-state residual (output of block
-   N-1 minus input of block 0) is the probe;
+   N-1 minus input of block 0) is the probe; with none (``compute_first_n=0``, a fixed schedule only)
+   a reused step runs no block at all, as MagCache's skipped steps do;
 2. with ``threshold > 0`` the span is reused when the probe's relative L1 change since the stream's
    last full step is under the threshold (First-Block-Cache / TeaCache style); with ``threshold == 0``
    and ``interval > 1`` it is reused on a fixed schedule instead;
@@ -72,7 +73,8 @@ class BlockCache:
         ledger.add_hook(self.adapter.module, _BeginForward(self), HOOK_DENOISER)
         if self.cfg.threshold > 0:
             ledger.add_hook(self.first[0][1], _ProbeStart(self), HOOK_PROBE_START)
-        ledger.add_hook(self.first[-1][1], _ProbeEnd(self), HOOK_PROBE_END)
+        if self.first:
+            ledger.add_hook(self.first[-1][1], _ProbeEnd(self), HOOK_PROBE_END)
         last = len(self.span) - 1
         for i, (_, block) in enumerate(self.span):
             ledger.add_hook(block, _SpanHook(self, block, first=i == 0, last=i == last), HOOK_SPAN)
@@ -205,6 +207,8 @@ class _BeginForward(ModelHook):
             inputs = bind(self.params, args, kwargs)
             per_block = any(inputs.get(n) is not None for n in self.names)
         self.cache.begin_forward(per_block)
+        if not self.cache.first:  # no probe (a fixed schedule): decide before the first block
+            self.cache.decide(None)
         return args, kwargs
 
 

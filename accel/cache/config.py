@@ -41,7 +41,8 @@ class CacheConfig(ConfigBase):
     schedule: str = spec("uniform", choices=SCHEDULES, help="where the full steps of `interval` fall")
     schedule_power: float = spec(1.5, min=1.0, max=4.0, help="nonuniform schedule: >1 puts full steps early")
     branch: int = spec(1, min=1, help="deepcache: top skip connections recomputed in a cached step")
-    compute_first_n: int = spec(1, min=1, help="block cache: leading blocks always computed (the probe)")
+    compute_first_n: int = spec(1, min=0, help="block cache: leading blocks always computed (the probe; 0: none, "
+                                               "a fixed schedule reuses every block)")
     compute_last_n: int = spec(0, min=0, help="block cache: trailing blocks always computed")
     taylor_order: int = spec(0, min=0, max=2, help="block cache: Taylor extrapolation order of the cached residual")
 
@@ -56,6 +57,10 @@ class CacheConfig(ConfigBase):
             raise ConfigError(f"cache.interval: {self.interval} with threshold {self.threshold}: the block cache "
                               "reuses either on a change test (threshold > 0) or on a fixed schedule "
                               "(interval > 1); set one of them to its default (threshold 0 or interval 1)")
+        if self.method == "block" and self.compute_first_n == 0 and self.threshold:
+            raise ConfigError(f"cache.compute_first_n: 0 leaves no probe block for threshold {self.threshold}; "
+                              "use compute_first_n >= 1, or threshold 0 with an interval (a fixed schedule, "
+                              "which needs no probe)")
         if self.taylor_order and self.method not in ("block", "auto", "diffusers.taylorseer"):
             raise ConfigError(f"cache.taylor_order: {self.taylor_order} needs method 'block' (or "
                               f"'diffusers.taylorseer'), not {self.method!r}; set taylor_order to 0")

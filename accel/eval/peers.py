@@ -238,7 +238,8 @@ def select(spec: str | None) -> list[Peer]:
         return sweep()
     out = []
     for part in (p.strip().lower() for p in spec.split(",") if p.strip()):
-        hits = [p for p in PEERS.values() if p.name.lower().startswith(part)]
+        hits = [p for p in PEERS.values() if p.name.lower().startswith(part)] or \
+            [p for p in sweep() if p.name.lower().startswith(part)]  # a point of the sweep, by name
         if not hits:
             raise ValueError(f"--peers: no peer is called {part!r}; peers: all, none, or names starting with "
                              f"{', '.join(sorted({n.split()[0] for n in PEERS}))} ({'; '.join(PEERS)})")
