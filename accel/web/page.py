@@ -33,7 +33,6 @@ import os
 import socket
 
 from ..config import DEFAULT_PRESET, TECHNIQUES, available_presets
-from ..config import preset as preset_of
 from ..io.outputs import write_json
 from ..layering import layered
 from ..pipelines.call import size_multiple
@@ -59,7 +58,8 @@ from .stop import Runs
 
 def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits | None = None,
               out_dir: str | os.PathLike = "outputs/app", workers: int = 1, allow_model_paths: bool = False,
-              group=None, approx_cache: str | None = None, config_sections: dict | None = None):
+              group=None, approx_cache: str | None = None, config_sections: dict | None = None,
+              parallel=None):
     """The web app as a ``gr.Blocks`` (queued; call `serve` or ``.launch`` on it).
 
     Args:
@@ -71,6 +71,8 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
         workers: pipelines to load with a loader; the queue runs one request per pipeline.
         group: rank 0's `accel.web.group.Leader` when a parallel worker group serves the one pipeline.
         approx_cache: the approximate cache's folder (`accel.ApproxCacheConfig.dir`) every Generate uses.
+        parallel: the served pipeline's `accel.ParallelConfig`: the presets leave out what its strategies
+            cannot run with (the step cache under ``components``), as `accel.layering.layered` does.
         config_sections: the cache/tokens/attention sections of ``accel app --config FILE`` (an `accel tune`
             output, a config file or a sidecar's config): offered as preset ``config`` (over the default preset,
             as `accel generate --config` layers it), which the page and the API then start from.
@@ -87,12 +89,12 @@ def build_app(pipe_or_loader, model_name: str = "tiny-sd15", *, limits: Limits |
     family, video = engine.primary.family, engine.primary.video
     # the page opens on the default preset for this family (or the --config file's config): its knobs start there
 
-    served = None if config_sections is None else layered(DEFAULT_PRESET, config_sections, family)
+    served = None if config_sections is None else layered(DEFAULT_PRESET, config_sections, family, parallel)
     default_preset = DEFAULT_PRESET if served is None else CONFIG_PRESET
     preset_names = tuple(available_presets()) + (() if served is None else (CONFIG_PRESET,))
 
     def preset_config(name):
-        return served if served is not None and name == CONFIG_PRESET else preset_of(name, family)
+        return served if served is not None and name == CONFIG_PRESET else layered(name, {}, family, parallel)
 
     start = preset_config(default_preset)
     knob_list = [dataclasses.replace(k, default=getattr(getattr(start, k.section), k.name))

@@ -90,16 +90,16 @@ def _app_rank(rank: int, opts: Options, pcfg: ParallelConfig) -> None:
         return follow(loader, opts.model, group)
     leader = Leader(group)
     try:
-        _serve(opts, loader, 1, leader)
+        _serve(opts, loader, 1, leader, pcfg)
     finally:
         leader.close()
 
 
-def _serve(opts: Options, loader, workers: int, group=None) -> int:
+def _serve(opts: Options, loader, workers: int, group=None, parallel: ParallelConfig | None = None) -> int:
     out_dir = Path(opts.out_dir)
     demo = build_app(loader, opts.model, limits=opts.limits, out_dir=out_dir, workers=workers,
                      allow_model_paths=opts.allow_model_paths, group=group, approx_cache=opts.approx_cache,
-                     config_sections=opts.config_sections)
+                     config_sections=opts.config_sections, parallel=parallel)
     if opts.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"accel app: serving on {opts.host}: anyone who can reach this address can generate "
               "(limits still apply)")

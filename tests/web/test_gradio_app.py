@@ -805,3 +805,20 @@ def test_randomize_seed_takes_true_or_false(image_app):
     r = image_app.call(prompt="a cat", steps=1, seed=5, randomize_seed=True)
     assert isinstance(r["seed"], int) and f"seed {r['seed']})" in r["summary"]
     assert image_app.call(prompt="a cat", steps=1, seed=5, randomize_seed=False)["seed"] == 5
+
+
+def test_under_components_the_presets_leave_the_step_cache_out(tmp_path, tiny_cache):
+    """`accel app --parallel components=2`: the page's presets are layered with the served strategies, so the
+    default preset does not turn on a step cache the split would refuse."""
+    from accel import ParallelConfig
+
+    pipe = tiny_cache("flux")
+    knob = {}
+    for label, par in (("plain", None), ("components", ParallelConfig(components=2))):
+        demo = build_app(pipe, "tiny-flux", limits=LIMITS, out_dir=tmp_path / label, parallel=par)
+        try:
+            knob[label] = next(b.value for b in demo.blocks.values()
+                               if getattr(b, "elem_id", None) == "knob-cache-method")
+        finally:
+            demo.close()
+    assert knob == {"plain": "block", "components": "none"}
