@@ -45,10 +45,22 @@ class CacheConfig(ConfigBase):
                                                "a fixed schedule reuses every block)")
     compute_last_n: int = spec(0, min=0, help="block cache: trailing blocks always computed")
     taylor_order: int = spec(0, min=0, max=2, help="block cache: Taylor extrapolation order of the cached residual")
+    reuse_steps: str = spec("", help="block cache: a calibrated schedule, the steps reused (e.g. '3,5,6,8'; "
+                                     "accel.cache.calibrate_schedule); in place of interval")
 
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    def reused(self) -> frozenset[int]:
+        """The steps of ``reuse_steps`` (empty: none given); ConfigError naming a part that is no step."""
+        out = set()
+        for part in (p.strip() for p in self.reuse_steps.split(",") if p.strip()):
+            if not part.isdigit():
+                raise ConfigError(f"cache.reuse_steps: {part!r} in {self.reuse_steps!r} is not a step number; "
+                                  "write step numbers separated by commas, e.g. '3,5,6'")
+            out.add(int(part))
+        return frozenset(out)
 
     def validate(self) -> None:
         if self.method == "deepcache" and self.threshold:
@@ -57,6 +69,14 @@ class CacheConfig(ConfigBase):
             raise ConfigError(f"cache.interval: {self.interval} with threshold {self.threshold}: the block cache "
                               "reuses either on a change test (threshold > 0) or on a fixed schedule "
                               "(interval > 1); set one of them to its default (threshold 0 or interval 1)")
+        if self.reuse_steps:
+            steps = self.reused()
+            if self.method != "block" or self.threshold or self.interval > 1:
+                raise ConfigError(f"cache.reuse_steps: {self.reuse_steps!r} is a schedule for method 'block' with "
+                                  "threshold 0 and interval 1; set those (or leave reuse_steps empty)")
+            if min(steps) < 1:
+                raise ConfigError(f"cache.reuse_steps: {self.reuse_steps!r}: step 0 has nothing to reuse; "
+                                  "give steps from 1")
         if self.method == "block" and self.compute_first_n == 0 and self.threshold:
             raise ConfigError(f"cache.compute_first_n: 0 leaves no probe block for threshold {self.threshold}; "
                               "use compute_first_n >= 1, or threshold 0 with an interval (a fixed schedule, "

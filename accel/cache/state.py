@@ -112,11 +112,15 @@ def full_steps(total: int, interval: int, warmup: int, schedule: str, power: flo
 
 
 def fixed_schedule_reuses(st: StreamState, total: int | None, cfg) -> bool:
-    """Reuse decision of a fixed schedule (``interval``) for the stream's current step."""
-    if cfg.interval <= 1 or st.step < cfg.warmup_steps or st.last_full is None:
+    """Reuse decision of a fixed schedule (``interval``, or the calibrated ``reuse_steps``) for the stream's
+    current step."""
+    calibrated = cfg.reused() if getattr(cfg, "reuse_steps", "") else None
+    if (cfg.interval <= 1 and not calibrated) or st.step < cfg.warmup_steps or st.last_full is None:
         return False
     if cfg.max_skip and st.reused_in_row >= cfg.max_skip:
         return False
+    if calibrated:
+        return st.step in calibrated
     if total and cfg.schedule == "nonuniform" and st.step < total:
         return st.step not in full_steps(total, cfg.interval, cfg.warmup_steps, cfg.schedule, cfg.schedule_power)
     return (st.step - cfg.warmup_steps) % cfg.interval != 0

@@ -73,3 +73,34 @@ def test_probe_free_keeps_the_trained_dit_above_its_floor():
     assert reused > 0
     assert min(psnrs) >= 31.0
     assert max(psnrs) < 100  # lossy: reused steps changed the output
+
+
+def test_the_calibrated_schedule_reuses_while_the_accumulated_change_stays_small():
+    from accel.cache.calibrate import schedule
+
+    changes = [0.0, 5.0, 5.0, 0.1, 0.1, 0.1, 0.1, 2.0, 0.1]
+    assert schedule(changes, 0.25, warmup=2) == [3, 4, 6, 8]  # 0.1+0.1 < 0.25; a third step would not be
+    assert schedule(changes, 0.25, max_skip=1, warmup=2) == [3, 5, 8]
+    assert schedule(changes, 0.0, warmup=2) == []  # no error allowed: every step computed
+
+
+def test_reuse_steps_reuses_exactly_the_steps_given_and_is_checked():
+    from accel.cache.calibrate import record_changes
+
+    pipe = tiny.make("flux")
+    changes = record_changes(pipe, [tiny.example_inputs("flux", num_inference_steps=8)])
+    assert len(changes) == 8 and changes[0] == 0.0 and all(c > 0 for c in changes[1:])
+    ref = _images(pipe, tiny.example_inputs("flux", num_inference_steps=8))
+    accel.apply(pipe, {"cache": {"method": "block", "compute_first_n": 0, "warmup_steps": 2, "reuse_steps": "3,4,6"}})
+    with StageWork(pipe) as work:
+        out = _images(pipe, tiny.example_inputs("flux", num_inference_steps=8))
+    stats = accel.stats(pipe)["cache"]
+    accel.remove(pipe)
+    assert stats["reused"] == 3 and work.computed == work.entered - 3 * 2
+    assert not np.array_equal(out, ref)
+    assert np.array_equal(_images(pipe, tiny.example_inputs("flux", num_inference_steps=8)), ref)
+    for bad, says in (({"interval": 2}, "a schedule for method 'block' with threshold 0 and interval 1"),
+                      ({"reuse_steps": "3,x"}, "'x' in '3,x' is not a step number"),
+                      ({"reuse_steps": "0,2"}, "step 0 has nothing to reuse")):
+        with pytest.raises(accel.ConfigError, match=says):
+            accel.Config.from_dict({"cache": {"method": "block", "reuse_steps": "3,4", **bad}})
