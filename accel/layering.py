@@ -126,14 +126,9 @@ def layered(preset_name: str, sections: dict, family: str | None,
         The validated `Config`; raises `ConfigError` naming the field when a value is bad.
     """
     base = preset(preset_name, family).to_dict()
-    for section in refused_sections(parallel):
+    for section in parallel.refused_sections if parallel is not None else ():
         base.pop(section, None)
     return Config.from_dict(merge(base, sections))
-
-
-def refused_sections(parallel: ParallelConfig | None) -> tuple[str, ...]:
-    """Technique sections ``parallel``'s strategies cannot run with (a preset leaves them off)."""
-    return ("cache",) if parallel is not None and parallel.components > 1 else ()
 
 
 def parallel_config(spec: str | None, config_file=None) -> ParallelConfig | None:

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,11 +48,6 @@ FIDELITY_ROWS = [("components=2", {"components": 2}),
                  ("components=2 warmup 3", {"components": 2, "warmup_steps": 3})]
 
 
-def _frames(out) -> np.ndarray:
-    x = getattr(out, "images", None)
-    return np.asarray(x if x is not None else out.frames, dtype=np.float32)
-
-
 def _gather(obj):
     import torch.distributed as dist
 
@@ -69,7 +63,7 @@ def _speed_model(rank: int, model: str, call: dict, rows: list, rounds: int) -> 
     import accel
     from accel.eval.metrics import compare
     from accel.parallel import parallel_stats, unparallelize
-    from accel.pipelines.call import call_kwargs
+    from accel.pipelines.call import call_kwargs, to_frames
     from accel.pipelines.load import load
 
     pipe = load(model, device="cpu", dtype=torch.float32)
@@ -84,10 +78,10 @@ def _speed_model(rank: int, model: str, call: dict, rows: list, rounds: int) -> 
     for label, cfg in [("1 process", None), *rows]:  # warm-up round: first calls, the measured split
         if cfg is None:
             if rank == 0:
-                outs[label] = _frames(go())
+                outs[label] = to_frames(go())
         else:
             accel.parallelize(pipe, accel.ParallelConfig(**cfg))
-            outs[label] = _frames(go())
+            outs[label] = to_frames(go())
             unparallelize(pipe)
         dist.barrier()
     for _ in range(rounds):
@@ -147,6 +141,7 @@ def fidelity_worker(rank: int, path: str, n_prompts: int, models: list[str]) -> 
     from accel.eval import bench
     from accel.eval.metrics import compare
     from accel.parallel import parallel_stats, unparallelize
+    from accel.pipelines.call import to_frames
     from accel.pipelines.load import load
 
     report = []
@@ -156,7 +151,7 @@ def fidelity_worker(rank: int, path: str, n_prompts: int, models: list[str]) -> 
         work = bench.workload(pipe, model, n_prompts=n_prompts, device="cpu")
 
         def run_all(pipe=pipe, work=work):
-            return [_frames(pipe(**c.kwargs, generator=torch.Generator("cpu").manual_seed(c.seed)))[0]
+            return [to_frames(pipe(**c.kwargs, generator=torch.Generator("cpu").manual_seed(c.seed)))
                     for c in work.calls]
 
         ref = run_all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..config_base import ConfigBase, ConfigError, spec
@@ -54,13 +55,8 @@ class CacheConfig(ConfigBase):
 
     def reused(self) -> frozenset[int]:
         """The steps of ``reuse_steps`` (empty: none given); ConfigError naming a part that is no step."""
-        out = set()
-        for part in (p.strip() for p in self.reuse_steps.split(",") if p.strip()):
-            if not part.isdigit():
-                raise ConfigError(f"cache.reuse_steps: {part!r} in {self.reuse_steps!r} is not a step number; "
-                                  "write step numbers separated by commas, e.g. '3,5,6'")
-            out.add(int(part))
-        return frozenset(out)
+        return _steps(self.reuse_steps)
+
 
     def validate(self) -> None:
         if self.method == "deepcache" and self.threshold:
@@ -112,6 +108,17 @@ class CacheConfig(ConfigBase):
 # computed it leaves nothing to cache in a 2-block model).
 _W = {"method": "block", "warmup_steps": 2}  # every DiT row: 2 full warm-up steps, fixed schedule
 _DIT = {**_W, "interval": 2}  # ref-dit: 33.5 dB, 1.36x denoiser
+
+
+@functools.lru_cache(maxsize=64)  # read at every decided forward: parse each schedule once
+def _steps(text: str) -> frozenset[int]:
+    out = set()
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if not part.isdigit():
+            raise ConfigError(f"cache.reuse_steps: {part!r} in {text!r} is not a step number; "
+                              "write step numbers separated by commas, e.g. '3,5,6'")
+        out.add(int(part))
+    return frozenset(out)
 
 
 def _dc(interval: int, branch: int = 1, schedule: str = "nonuniform") -> dict:

@@ -446,7 +446,9 @@ def frontier(results: list[Result]) -> list[dict]:
         close = sorted((r for r in ours if _worst(r) >= _worst(peer)), key=lambda r: -(r.speedup or 0))
         best = close[0] if close else None
         out.append({"peer": peer.label, "by": best.label if best else None, "dominated": False,
-                    "speed_short": round((peer.speedup or 0) - (best.speedup or 0), 3) if best else None})
+                    "speed_short": round((peer.speedup or 0) - (best.speedup or 0), 3) if best else None,
+                    "scores_short": sorted(k for k, v in (peer.scores or {}).items()
+                                           if best and (best.scores or {}).get(k, -1.0) < v)})
     return out
 
 
@@ -459,8 +461,10 @@ def frontier_lines(results: list[Result]) -> list[str]:
         elif f["by"] is None:
             lines.append(f"- {f['peer']}: not dominated; none of ours is as close on the worst prompt")
         else:
+            short = ([f"{f['speed_short']:.2f}x slower"] if f["speed_short"] > 0 else []) + \
+                [f"lower {k}" for k in f["scores_short"]]
             lines.append(f"- {f['peer']}: not dominated; {f['by']} is as close on the worst prompt but "
-                         f"{f['speed_short']:.2f}x slower, or scores lower")
+                         f"{', '.join(short)}")
     return lines
 
 

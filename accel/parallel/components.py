@@ -36,6 +36,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -101,11 +102,19 @@ def split(costs: list[float], n: int) -> list[int]:
     return owner
 
 
+class _Leaf(NamedTuple):
+    """A tensor in a recorded stage output: what a placeholder or a received buffer is shaped from."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
 @dataclass
 class _Slot:
     """State of one forward index within a step (two-call CFG pipelines have two)."""
 
-    specs: dict = field(default_factory=dict)  # stage -> (treespec, [(shape, dtype) or constant])
+    specs: dict = field(default_factory=dict)  # stage -> (treespec, [_Leaf or a constant leaf])
     inbox: dict = field(default_factory=dict)  # stage -> output handed over to this rank
     outbox: dict = field(default_factory=dict)  # stage -> this step's output to hand over
     recv: list | None = None  # [(work, buffer)] of the next hand-over
@@ -291,7 +300,7 @@ class Components:
             else:
                 out = fn(*args, **kwargs)
             leaves, spec = pytree.tree_flatten(out)
-            slot.specs[i] = (spec, [(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x
+            slot.specs[i] = (spec, [_Leaf(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x
                                     for x in leaves])
             if self.keep and i in self._boundary_set(self.k - 1):
                 slot.inbox[i] = out
@@ -344,9 +353,9 @@ class Components:
         spec, meta = slot.specs[i]
         leaves = []
         for m in meta:
-            if isinstance(m, tuple) and len(m) == 3 and isinstance(m[1], torch.dtype):
+            if isinstance(m, _Leaf):
                 if m not in self.blanks:
-                    self.blanks[m] = torch.zeros(m[0], dtype=m[1], device=m[2])
+                    self.blanks[m] = torch.zeros(m.shape, dtype=m.dtype, device=m.device)
                 leaves.append(self.blanks[m])
             else:
                 leaves.append(m)
@@ -377,8 +386,7 @@ class Components:
     def _post_receive(self, slot: _Slot) -> None:
         metas = []
         for i in self._boundary_set(self.k - 1):
-            metas += [m for m in slot.specs[i][1] if isinstance(m, tuple) and len(m) == 3
-                      and isinstance(m[1], torch.dtype)]
+            metas += [m for m in slot.specs[i][1] if isinstance(m, _Leaf)]
         sizes: dict = {}
         for shape, dtype, device in metas:
             sizes[dtype] = (sizes.get(dtype, (0, device))[0] + math.prod(shape), device)
@@ -404,11 +412,10 @@ class Components:
             spec, meta = slot.specs[i]
             leaves = []
             for m in meta:
-                if isinstance(m, tuple) and len(m) == 3 and isinstance(m[1], torch.dtype):
-                    shape, dtype, _ = m
-                    n = math.prod(shape)
-                    leaves.append(buffers[dtype][offsets[dtype]:offsets[dtype] + n].view(shape))
-                    offsets[dtype] += n
+                if isinstance(m, _Leaf):
+                    n = math.prod(m.shape)
+                    leaves.append(buffers[m.dtype][offsets[m.dtype]:offsets[m.dtype] + n].view(m.shape))
+                    offsets[m.dtype] += n
                 else:
                     leaves.append(m)
             slot.inbox[i] = pytree.tree_unflatten(leaves, spec)

@@ -99,6 +99,12 @@ class ParallelConfig(ConfigBase):
         return self.cfg * self.inner
 
     @property
+    def refused_sections(self) -> tuple[str, ...]:
+        """Technique sections these strategies cannot run with (components: the step cache, whose reuse
+        decisions would differ between ranks); a preset leaves them off (`accel.layering.layered`)."""
+        return ("cache",) if self.components > 1 else ()
+
+    @property
     def gn_mode(self) -> str:
         return ASYNC_ALIASES.get(self.patch_mode, self.patch_mode)
 

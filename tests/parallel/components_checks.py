@@ -20,11 +20,7 @@ import torch
 
 import accel
 from accel.parallel import ParallelConfig, parallel_stats, unparallelize
-
-
-def _frames(out) -> np.ndarray:
-    x = getattr(out, "images", None)
-    return np.asarray(x if x is not None else out.frames, dtype=np.float32)
+from accel.pipelines.call import to_frames
 
 
 def trained(results: dict, model: str) -> None:
@@ -37,7 +33,7 @@ def trained(results: dict, model: str) -> None:
     work = bench.workload(pipe, model, n_prompts=2, device="cpu")
 
     def run_all():
-        return [_frames(pipe(**c.kwargs, generator=torch.Generator("cpu").manual_seed(c.seed)))[0]
+        return [to_frames(pipe(**c.kwargs, generator=torch.Generator("cpu").manual_seed(c.seed)))
                 for c in work.calls]
 
     items = [c.item for c in work.calls]
@@ -61,10 +57,10 @@ def tokens(results: dict) -> None:
     kw = tiny.example_inputs("sd15", num_inference_steps=4)
     config = {"tokens": {"ratio": 0.5, "min_tokens": 0, "use_rand": False}}
     accel.apply(pipe, config)
-    ref = _frames(pipe(**kw))
+    ref = to_frames(pipe(**kw))
     for label, cfg in (("tokens_sync", {"components": 2, "warmup_steps": 4}), ("tokens_async", {"components": 2})):
         accel.parallelize(pipe, ParallelConfig(**cfg))
-        out = _frames(pipe(**tiny.example_inputs("sd15", num_inference_steps=4)))
+        out = to_frames(pipe(**tiny.example_inputs("sd15", num_inference_steps=4)))
         merged = accel.stats(pipe).get("tokens", {})
         stats = parallel_stats(pipe)
         unparallelize(pipe)
